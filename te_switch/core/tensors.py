@@ -1,0 +1,157 @@
+"""Tensor vocabulary shared by every reader: stored dtype names and packed (quantised) weights.
+
+Stored dtypes are named the way safetensors names them (``F16``, ``BF16``, ``F8_E4M3``...);
+GGUF block formats keep their ggml names (``Q8_0``, ``Q4_K``...). A weight that stays compressed
+until compute time is a :class:`PackedTensor`; everything else is a plain ``torch.Tensor``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+# safetensors dtype name -> torch dtype (only what torch can hold natively)
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+# what the user picks per slot -> torch dtype (None = keep the host's dtype)
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def itemsize(name: str) -> int:
+    dtype = SAFETENSORS_DTYPES[name]
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a file's header says about one tensor, before any data is read."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+# qtype -> function(raw, shape, dtype) -> dense tensor; filled by the GGUF module on import
+DEQUANTIZERS: dict[str, Callable[[torch.Tensor, torch.Size, torch.dtype], torch.Tensor]] = {}
+
+
+@dataclass(eq=False)
+class PackedTensor:
+    """A weight kept in its compressed storage form until something needs real values.
+
+    ``raw`` is the stored data: for GGUF block formats the uint8 blocks, one row of blocks per
+    logical row; for scaled fp8 the fp8 tensor itself. ``scale`` (scaled fp8 only) multiplies it.
+    """
+
+    qtype: str
+    raw: torch.Tensor
+    shape: torch.Size
+    scale: torch.Tensor | None = None
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+        raw = self.raw if device is None else self.raw.to(device)
+        if self.qtype in ("F8_E4M3", "F8_E5M2"):
+            # compute the product in fp32 so the result does not depend on the target dtype's rounding twice
+            out = raw.to(torch.float32)
+            if self.scale is not None:
+                out = out * self.scale.to(device=out.device, dtype=torch.float32)
+            return out.reshape(self.shape).to(dtype)
+        try:
+            fn = DEQUANTIZERS[self.qtype]
+        except KeyError:
+            from te_switch.core import gguf_reader  # noqa: F401  (registers the GGUF decoders)
+
+            fn = DEQUANTIZERS.get(self.qtype)
+            if fn is None:
+                raise ValueError(f"no decoder for quantisation type {self.qtype}") from None
+        return fn(raw, self.shape, dtype)
+
+    @property
+    def dtype(self) -> str:
+        """The stored type name (for reports)."""
+        return self.qtype
+
+    @property
+    def nbytes(self) -> int:
+        n = self.raw.numel() * self.raw.element_size()
+        if self.scale is not None:
+            n += self.scale.numel() * self.scale.element_size()
+        return n
+
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def to(self, device: torch.device | str) -> PackedTensor:
+        scale = None if self.scale is None else self.scale.to(device)
+        return PackedTensor(self.qtype, self.raw.to(device), self.shape, scale)
+
+
+Weight = torch.Tensor | PackedTensor
+
+
+def weight_shape(w: Weight) -> tuple[int, ...]:
+    return tuple(w.shape)
+
+
+def weight_dtype_name(w: Weight) -> str:
+    return w.qtype if isinstance(w, PackedTensor) else dtype_name(w.dtype)
+
+
+def is_compressed(w: Weight) -> bool:
+    """True for weights that must be expanded before a matmul (GGUF blocks, fp8)."""
+    return isinstance(w, PackedTensor) or w.dtype in FLOAT8_DTYPES
+
+
+def dense(w: Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Real values of ``w``; ``dtype=None`` keeps float16/bfloat16/float32 as stored, expands the rest to fp32."""
+    if isinstance(w, PackedTensor):
+        return w.dequantize(dtype or torch.float32)
+    if w.dtype in FLOAT8_DTYPES:
+        return w.to(dtype or torch.float32)
+    return w if dtype is None or w.dtype == dtype else w.to(dtype)
+
+
+def materialize(state: Mapping[str, Weight], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every weight as a plain tensor (integer tensors keep their dtype)."""
+    out = {}
+    for k, w in state.items():
+        if isinstance(w, torch.Tensor) and not w.is_floating_point():
+            out[k] = w
+        else:
+            out[k] = dense(w, dtype)
+    return out
