@@ -1,0 +1,5 @@
+import sys
+
+from te_switch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,162 @@
+"""``python -m te_switch``: inspect and convert encoder files without a WebUI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from te_switch.core.detect import TowerInfo, detect, inspect_path
+from te_switch.core.errors import TESwitchError, one_line
+from te_switch.core.readers import iter_weight_files, open_file
+from te_switch.core.tensors import PRECISIONS
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def _expand(paths: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = list(iter_weight_files(p))
+            out.extend(found if found else [p])
+        else:
+            out.append(p)
+    return out
+
+
+def check_values(info: TowerInfo) -> None:
+    """Full read of one tower: conversion must succeed and every weight must be finite."""
+    from te_switch.core.convert import first_non_finite, load_tower
+
+    if not info.usable:
+        return
+    try:
+        with open_file(info.path) as src:
+            bad = first_non_finite(load_tower(src, info))
+    except TESwitchError as e:
+        info.error = one_line(e)
+        return
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        info.error = f"{os.path.basename(info.path)}: {one_line(e)}"
+        return
+    if bad:
+        info.error = f"{os.path.basename(info.path)}: tensor {bad} holds NaN or Inf values"
+
+
+def _row(t: TowerInfo) -> list[str]:
+    shape = f"{t.layers}x{t.width}" if t.layers and t.width else ""
+    what = t.error or t.note or ", ".join(t.features)
+    return [
+        os.path.basename(t.path),
+        t.tower or "",
+        t.kind or "error",
+        t.layout or "",
+        shape,
+        str(t.positions or ""),
+        str(t.vocab or ""),
+        ",".join(t.dtypes),
+        _human(t.params) if t.params else "",
+        t.quant or "",
+        what,
+    ]
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    head = ["file", "tower", "kind", "layout", "layers", "pos", "vocab", "dtypes", "params", "quant", "notes"]
+    table = [head, *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(head) - 1)]
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    towers: list[TowerInfo] = []
+    for path in _expand(args.paths):
+        found = inspect_path(path)
+        if not args.headers_only:
+            for t in found:
+                check_values(t)
+        towers.extend(found)
+        if args.json:
+            for t in found:
+                print(json.dumps(t.to_json()), flush=True)
+    if not args.json:
+        _print_table([_row(t) for t in towers])
+    return 1 if any(t.error for t in towers) else 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from te_switch.core.convert import load_tower, save_canonical
+
+    src_path, out_path = args.input, args.output
+    if os.path.exists(out_path):
+        if os.path.exists(src_path) and os.path.samefile(src_path, out_path):
+            print(f"error: {out_path}: refusing to overwrite the input file", file=sys.stderr)
+            return 2
+        if not args.overwrite:
+            print(f"error: {out_path}: already exists (use --overwrite)", file=sys.stderr)
+            return 2
+    try:
+        with open_file(src_path) as src:
+            towers = [t for t in detect(src) if t.usable]
+            if args.tower:
+                towers = [t for t in towers if t.tower == args.tower or t.kind == args.tower]
+            if not towers:
+                what = f" matching {args.tower!r}" if args.tower else ""
+                print(f"error: {src_path}: no usable text-encoder tower{what}", file=sys.stderr)
+                return 1
+            if len(towers) > 1:
+                names = ", ".join(t.tower or t.kind or "?" for t in towers)
+                print(f"error: {src_path}: holds several towers ({names}); pick one with --tower", file=sys.stderr)
+                return 2
+            tower = towers[0]
+            sd = load_tower(src, tower)
+            from te_switch.core.convert import first_non_finite
+
+            bad = first_non_finite(sd)
+            if bad:
+                print(f"error: {src_path}: tensor {bad} holds NaN or Inf values", file=sys.stderr)
+                return 1
+            dtype = PRECISIONS[args.dtype] if args.dtype else None
+            if dtype is None and tower.quant in ("fp8", "scaled-fp8", "gguf"):
+                dtype = PRECISIONS["fp16"]  # expand compressed files to the usual distribution dtype
+            meta = {"te_switch.source": os.path.basename(src_path), "te_switch.kind": tower.kind or ""}
+            save_canonical(out_path, sd, dtype=dtype, metadata=meta)
+    except TESwitchError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
+    print(f"{out_path}: {tower.kind}, {len(sd)} tensors, canonical HF names")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m te_switch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="say what encoder files hold (folders are listed)")
+    p.add_argument("paths", nargs="+", help="files or folders")
+    p.add_argument("--json", action="store_true", help="one JSON object per tower per line")
+    p.add_argument("--headers-only", action="store_true", help="skip reading the weights (no NaN/Inf check)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="write one tower as a plain canonical safetensors file")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--tower", help="which tower of a whole checkpoint (clip_l, clip_g, clip_h, t5xxl) or a kind")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="cast on write (default: as stored)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (never the input)")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
