@@ -1,0 +1,160 @@
+"""What every host adapter offers the UI/API layer, and the behaviour they share.
+
+An adapter finds the encoder slots of the live model, makes them hold what a :class:`Selection`
+asks for (through the shared :class:`SwapEngine`), and patches the host's encode step so clip
+skip, precision and Long-CLIP chunks take effect while a generation runs (``begin``/``end``).
+With an Auto selection and Built-in slots nothing of the host runs differently.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+from te_switch.core import clip_skip
+from te_switch.core.clip_skip import TowerPlan
+from te_switch.core.selection import SLOT_LABELS, SLOTS_BY_FAMILY, Selection
+from te_switch.hosts.engine import EncoderSource, LiveSlot, SlotRequest, SwapEngine
+
+# resolve(slot_name, encoder_label) -> the file to load; raises TESwitchError when it is missing
+Resolver = Callable[[str, str], EncoderSource]
+
+ENGINE = SwapEngine()  # one per process: every adapter shares the snapshots it holds
+
+
+class HostAdapter(ABC):
+    name = "base"
+
+    def __init__(self, engine: SwapEngine | None = None) -> None:
+        self.engine = engine or ENGINE
+        self.active: Selection | None = None  # the selection of the generation running now
+        self.requested: Selection | None = None  # the last selection applied: re-applied after reloads
+        self.resolver: Resolver | None = None
+
+    # -- the live model -----------------------------------------------------------------------
+
+    @abstractmethod
+    def live_model(self) -> Any | None:
+        """The loaded model without triggering a load (None before the first one)."""
+
+    @abstractmethod
+    def family(self, model: Any) -> str | None:
+        """'sd1' | 'sd2' | 'sdxl' | 'sdxl-refiner' | 'sd3' | 'flux', from the live objects."""
+
+    @abstractmethod
+    def slots(self, model: Any) -> dict[str, LiveSlot]:
+        """The model's encoder slots that exist now (e.g. SD3 without T5 has no 't5xxl')."""
+
+    def auto_plans(self, model: Any, family: str) -> list[TowerPlan]:
+        """The layers the host itself uses (override where the host departs from DESIGN natives)."""
+        return clip_skip.plan(family, None)
+
+    def layer_note(self, model: Any, family: str, selection: Selection) -> str | None:
+        """Extra words for the effective-layer line (host limits, e.g. a missing layer)."""
+        return None
+
+    # -- what the UI shows ---------------------------------------------------------------------
+
+    def plans(self, selection: Selection, model: Any = None) -> list[TowerPlan]:
+        model = self.live_model() if model is None else model
+        family = self.family(model) if model is not None else None
+        if family is None:
+            return []
+        if selection.clip_skip is None:
+            return self.auto_plans(model, family)
+        return clip_skip.plan(family, selection.clip_skip, selection.scope)
+
+    def describe(self, selection: Selection) -> str:
+        model = self.live_model()
+        family = self.family(model) if model is not None else None
+        if family is None:
+            return "No model loaded yet: the layers show after the first generation"
+        note = self.layer_note(model, family, selection)
+        return clip_skip.describe(family, self.plans(selection, model), note=note)
+
+    def slot_names(self) -> tuple[str, ...]:
+        model = self.live_model()
+        family = self.family(model) if model is not None else None
+        return SLOTS_BY_FAMILY.get(family or "", ())
+
+    # -- making the model match -----------------------------------------------------------------
+
+    def requests(self, model: Any, selection: Selection, resolve: Resolver) -> list[SlotRequest]:
+        """One request per live slot; CLIP-G follows a Long-CLIP-L's 248 positions (stretched)."""
+        slots = self.slots(model)
+        sources: dict[str, EncoderSource | None] = {}
+        for name in slots:
+            choice = selection.slot(name)
+            sources[name] = resolve(name, choice.encoder) if choice.encoder else None
+        long_l = sources.get("clip_l") is not None and (sources["clip_l"].tower.positions or 77) > 77  # type: ignore[union-attr]
+        out = []
+        for name, slot in slots.items():
+            positions = 248 if (name == "clip_g" and long_l and "clip_l" in slots) else None
+            out.append(SlotRequest(slot, selection.slot(name), sources[name], positions))
+        return out
+
+    def apply(self, selection: Selection, resolve: Resolver | None = None) -> list[str]:
+        """Swap/restore every slot to match ``selection`` (atomic across slots)."""
+        resolve = resolve or self.resolver
+        model = self.live_model()
+        if model is None or self.family(model) is None:
+            return []
+        if resolve is None:
+            raise RuntimeError("no encoder resolver configured")
+        changed = self.engine.apply(self.requests(model, selection, resolve))
+        self.requested = selection
+        if changed:
+            self.after_swap(model, changed)
+        return changed
+
+    @abstractmethod
+    def after_swap(self, model: Any, changed: list[str]) -> None:
+        """Host bookkeeping after slots changed (chunk lengths, cached conds...)."""
+
+    def reapply(self) -> list[str]:
+        """After the host reloaded weights: make the new weights match the last request again."""
+        if self.requested is None or self.resolver is None:
+            return []
+        return self.apply(self.requested)
+
+    # -- the generation -------------------------------------------------------------------------
+
+    def begin(self, selection: Selection) -> None:
+        self.active = selection
+
+    def end(self) -> None:
+        self.active = None
+
+    def cond_signature(self) -> tuple:
+        """Everything besides the host's own cache key that changes the conds."""
+        sel = self.active
+        return (self.engine.epoch, sel.signature() if sel is not None else None)
+
+    @abstractmethod
+    def install(self) -> None:
+        """Install the host patches (idempotent)."""
+
+    @abstractmethod
+    def uninstall(self) -> None:
+        """Undo every patch (script unload)."""
+
+    # -- reporting ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        model = self.live_model()
+        family = self.family(model) if model is not None else None
+        slots = {}
+        if family is not None:
+            for name, slot in self.slots(model).items():
+                applied = self.engine.applied(slot)
+                src = applied.source if applied else None
+                slots[name] = {
+                    "label": SLOT_LABELS[name],
+                    "encoder": src.label if src else "Built-in",
+                    "hash": src.short_hash if src else None,
+                    "kind": src.tower.kind if src else None,
+                    "precision": applied.precision if applied else "auto",
+                    "positions": slot.positions(),
+                }
+        return {"host": self.name, "family": family, "slots": slots, "epoch": self.engine.epoch}
