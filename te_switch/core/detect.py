@@ -57,6 +57,8 @@ _ANCHORS: list[tuple[str, str, re.Pattern[str]]] = [
     ("hf", "t5", re.compile(r"^((?:.*\.)?)encoder\.block\.0\.layer\.0\.SelfAttention\.q\.weight$")),
     ("llama.cpp", "t5", re.compile(r"^((?:.*\.)?)enc\.blk\.0\.attn_q\.weight$")),
 ]
+# every anchor key ends like one of these: a cheap filter before the regexes
+_ANCHOR_SUFFIXES = ("self_attn.q_proj.weight", "attn.in_proj_weight", "SelfAttention.q.weight", "attn_q.weight")
 _VISION_PREFIX = re.compile(r"(^|\.)(visual|vision_model|vision_tower|image_encoder)\.$")
 
 # keys that sit beside quantised weights and are not weights themselves
@@ -133,6 +135,8 @@ def _find_anchors(keys: list[str]) -> list[tuple[str, str, str]]:
     found: list[tuple[str, str, str]] = []
     key_set = set(keys)
     for key in keys:
+        if not key.endswith(_ANCHOR_SUFFIXES):
+            continue
         for layout, family, pattern in _ANCHORS:
             m = pattern.match(key)
             if m and _is_text_tower(m.group(1), layout, family, key_set):

@@ -7,6 +7,7 @@ The format is told by the file's first bytes, never by its name. Opening reads h
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import pickle
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from te_switch.core.errors import BadFileError
-from te_switch.core.tensors import SAFETENSORS_DTYPES, TensorInfo, Weight, dtype_name, itemsize
+from te_switch.core.tensors import ITEMSIZES, SAFETENSORS_DTYPES, TensorInfo, Weight, dtype_name
 
 SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
 WEIGHT_SUFFIXES = (".safetensors", ".sft", ".gguf", ".pt", ".pth", ".ckpt", ".bin")
@@ -106,22 +107,24 @@ class SafetensorsSource(TensorSource):
         data_size = self.size - self.data_start
         self._entries: dict[str, tuple[TensorInfo, int, int]] = {}
         for name, entry in header.items():
+            # hot loop (whole checkpoints have thousands of entries): validate with cheap checks only
             try:
-                dtype = entry["dtype"]
-                shape = tuple(int(d) for d in entry["shape"])
-                begin, end = (int(x) for x in entry["data_offsets"])
-            except (TypeError, KeyError, ValueError):
-                raise self.fail(f"malformed header entry for tensor {name!r}") from None
-            if dtype not in SAFETENSORS_DTYPES:
-                raise self.fail(f"unknown dtype {dtype!r} for tensor {name!r}")
-            if any(d < 0 for d in shape) or begin < 0 or end < begin:
+                dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+                nbytes = math.prod(shape) * ITEMSIZES[dtype]
+                ok = type(begin) is int and type(end) is int and 0 <= begin <= end and min(shape, default=0) >= 0
+            except KeyError:
+                if isinstance(entry, dict) and "dtype" in entry and entry["dtype"] not in ITEMSIZES:
+                    raise self.fail(f"unknown dtype {entry['dtype']!r} for tensor {name!r}") from None
+                ok = False
+            except (TypeError, ValueError):
+                ok = False
+            if not ok or not all(type(d) is int for d in shape):
                 raise self.fail(f"malformed header entry for tensor {name!r}")
-            info = TensorInfo(shape, dtype)
-            if end - begin != info.numel * itemsize(dtype):
+            if end - begin != nbytes:
                 raise self.fail(f"tensor {name!r}: {end - begin} bytes do not match shape {list(shape)} {dtype}")
             if end > data_size:
                 raise self.fail(f"truncated: tensor {name!r} runs past the end of the file")
-            self._entries[name] = (info, begin, end)
+            self._entries[name] = (TensorInfo(tuple(shape), dtype), begin, end)
         self._mm: mmap.mmap | None = None
 
     def keys(self) -> list[str]:
@@ -173,7 +176,12 @@ class PickleSource(TensorSource):
     def __init__(self, path: str, *, is_zip: bool) -> None:
         super().__init__(path)
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+            if path.endswith(".safetensors"):
+                # torch.load sends *.safetensors paths to safetensors by name; a file object keeps it a pickle
+                with open(path, "rb") as f:
+                    obj = torch.load(f, map_location="cpu", weights_only=True)
+            else:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
         except pickle.UnpicklingError as e:
             if "weights_only" in str(e) or "Weights only" in str(e):
                 raise self.fail(
@@ -309,12 +317,13 @@ def open_file(path: str | os.PathLike[str]) -> TensorSource:
         return GGUFSource(path)
     if head.startswith(b"PK\x03\x04"):
         return PickleSource(path, is_zip=True)
+    if len(head) >= 9 and head[8:9] == b"{":
+        # before the pickle test: a header length's low byte may well be 0x80
+        return SafetensorsSource(path)
     if head[:1] == b"\x80":  # legacy torch.save / plain pickle protocol 2+
         return PickleSource(path, is_zip=False)
     if head.lstrip()[:1] == b"{" and path.endswith(".json"):
         return ShardedSource(path)
-    if len(head) >= 9 and head[8:9] == b"{":
-        return SafetensorsSource(path)
     if len(head) < 9 or size < 9:
         raise BadFileError(path, f"truncated: {size} bytes is too short to be a weights file")
     raise BadFileError(path, "not a recognised weights format (safetensors, GGUF, PyTorch pickle, *.index.json)")

@@ -7,8 +7,10 @@ until compute time is a :class:`PackedTensor`; everything else is a plain ``torc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -43,13 +45,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
+ITEMSIZES = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
 def itemsize(name: str) -> int:
-    dtype = SAFETENSORS_DTYPES[name]
-    return torch.empty((), dtype=dtype).element_size()
+    return ITEMSIZES[name]
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
     """What a file's header says about one tensor, before any data is read."""
 
     shape: tuple[int, ...]
@@ -57,10 +60,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 # qtype -> function(raw, shape, dtype) -> dense tensor; filled by the GGUF module on import
