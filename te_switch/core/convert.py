@@ -96,7 +96,8 @@ def _split_rows(w: Weight, parts: int) -> list[Weight]:
 
 
 def _transpose(w: Weight) -> torch.Tensor:
-    return dense(w).t().contiguous()
+    # plain tensors keep their stored dtype (fp8 included) so layout round trips stay bit-exact
+    return (dense(w) if isinstance(w, PackedTensor) else w).t().contiguous()
 
 
 def fold_gmp(sd: Mapping[str, Weight]) -> dict[str, Weight]:
@@ -206,7 +207,7 @@ def canonical_to_openclip(sd: Mapping[str, Weight]) -> dict[str, Weight]:
     for (head, fused), parts in pending.items():
         if any(p is None for p in parts):
             raise KeyError(f"{head}{fused}: q, k and v are not all present")
-        out[head + fused] = torch.cat([dense(p) for p in parts], dim=0)  # type: ignore[arg-type]
+        out[head + fused] = torch.cat([dense(p) if isinstance(p, PackedTensor) else p for p in parts], dim=0)  # type: ignore[misc]
     return out
 
 
@@ -348,7 +349,10 @@ def load_tower(src: TensorSource, tower: TowerInfo, *, check: bool = True) -> di
         raise BadFileError(src.path, tower.error or tower.note or f"not a usable text encoder ({tower.kind})")
     p = tower.prefix
     local = {k[len(p) :]: src.load(k) for k in tower_keys(src.keys(), p, tower.layout or "")}
-    local = fold_gmp(fold_scaled_fp8(local))
+    try:
+        local = fold_gmp(fold_scaled_fp8(local))
+    except ValueError as e:
+        raise BadFileError(src.path, str(e)) from None
     if tower.layout == "openclip":
         sd = openclip_to_canonical(local)
     elif tower.layout == "hf-flat":

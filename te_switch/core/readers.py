@@ -156,18 +156,25 @@ class SafetensorsSource(TensorSource):
 # pickles (.pt/.ckpt/.bin): weights_only or nothing
 
 
+# dicts that wrap a whole state dict; anything else nested keeps its name as a key prefix
+_WRAPPERS = ("state_dict", "model_state_dict", "model", "module", "ema", "params", "weights")
+
+
 def _state_dict_from_pickle(obj: Any) -> dict[str, torch.Tensor]:
-    """The tensors of a loaded pickle: unwrap ``state_dict`` / the one nested dict that holds them."""
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    """The tensors of a loaded pickle: unwrap ``state_dict``-like wrappers, name other nested dicts."""
     if not isinstance(obj, dict):
         return {}
+    for wrapper in _WRAPPERS:
+        if isinstance(obj.get(wrapper), dict) and any(isinstance(v, torch.Tensor) for v in obj[wrapper].values()):
+            return _state_dict_from_pickle(obj[wrapper])
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if tensors:
         return tensors
-    nested = [v for v in obj.values() if isinstance(v, dict)]
-    best = max(nested, key=lambda d: sum(isinstance(v, torch.Tensor) for v in d.values()), default=None)
-    return _state_dict_from_pickle(best) if best is not None else {}
+    # e.g. A1111 embeddings: {"string_to_param": {"*": tensor}, ...} -> "string_to_param.*"
+    nested = {str(k): v for k, v in obj.items() if isinstance(v, dict)}
+    for name, inner in nested.items():
+        tensors.update({f"{name}.{k}": v for k, v in _state_dict_from_pickle(inner).items()})
+    return tensors
 
 
 class PickleSource(TensorSource):
