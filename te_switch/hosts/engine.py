@@ -283,8 +283,9 @@ class SwapEngine:
         dense_part: dict[str, torch.Tensor] = {}
         for key, value in tensors.items():
             owner = _owner(slot.module, key) if keep_packed else None
-            if owner is not None and is_compressed(value) and key.endswith(".weight") and lowbit.supports(owner):
-                lowbit.attach(owner, value)
+            if owner is not None and is_compressed(value) and key.endswith(".weight") and _can_stay_packed(owner):
+                # the snapshot already holds the original on CPU: park it there instead of the GPU
+                lowbit.attach(owner, value, offload="cpu")
                 mem.packed.append(owner)
             else:
                 dense_part[key] = dense(value) if isinstance(value, PackedTensor) else value  # type: ignore[assignment]
@@ -350,6 +351,11 @@ class SwapEngine:
         """Drop what the engine knows about a module whose weights the host is about to replace."""
         with self._lock:
             self._memory.pop(module, None)
+
+
+def _can_stay_packed(module: torch.nn.Module) -> bool:
+    """Linear and Embedding layers (host subclasses included) can expand their weight per forward."""
+    return isinstance(module, torch.nn.Linear | torch.nn.Embedding) and getattr(module, "max_norm", None) is None
 
 
 def _owner(root: torch.nn.Module, key: str) -> torch.nn.Module | None:
