@@ -50,6 +50,9 @@ class LiveSlot:
     position_keys: frozenset[str] = frozenset()  # host keys whose first dim is the position count
     resize: Resize | None = None  # change the position count (77 <-> 248); None: fixed
     label: str = ""
+    # 'linear' / 'embedding' for layers that can keep a compressed weight and expand it per forward;
+    # None = the default (torch Linear/Embedding). Hosts with their own layer classes say which qualify.
+    pack_kind: Callable[[torch.nn.Module], str | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.kinds:
@@ -142,6 +145,14 @@ class SwapEngine:
     def applied(self, slot: LiveSlot) -> Applied | None:
         mem = self._memory.get(slot.module)
         return mem.applied if mem else None
+
+    def would_change(self, request: SlotRequest) -> bool:
+        """Whether applying ``request`` would touch the slot (hosts skip costly preparations if not)."""
+        applied = self.applied(request.slot)
+        wants_builtin = request.source is None and request.choice.precision == "auto"
+        if wants_builtin and (request.positions is None or request.positions == self._original_positions(request.slot)):
+            return applied is not None
+        return applied is None or applied.identity != _identity(request)
 
     def compute_dtype(self, slot: LiveSlot) -> torch.dtype | None:
         """The dtype the user asked this slot to compute in (None: the host's choice)."""
@@ -283,9 +294,10 @@ class SwapEngine:
         dense_part: dict[str, torch.Tensor] = {}
         for key, value in tensors.items():
             owner = _owner(slot.module, key) if keep_packed else None
-            if owner is not None and is_compressed(value) and key.endswith(".weight") and _can_stay_packed(owner):
+            kind = (slot.pack_kind or default_pack_kind)(owner) if owner is not None else None
+            if kind is not None and is_compressed(value) and key.endswith(".weight"):
                 # the snapshot already holds the original on CPU: park it there instead of the GPU
-                lowbit.attach(owner, value, offload="cpu")
+                lowbit.attach(owner, value, kind=kind, offload="cpu")
                 mem.packed.append(owner)
             else:
                 dense_part[key] = dense(value) if isinstance(value, PackedTensor) else value  # type: ignore[assignment]
@@ -353,9 +365,11 @@ class SwapEngine:
             self._memory.pop(module, None)
 
 
-def _can_stay_packed(module: torch.nn.Module) -> bool:
-    """Linear and Embedding layers (host subclasses included) can expand their weight per forward."""
-    return isinstance(module, torch.nn.Linear | torch.nn.Embedding) and getattr(module, "max_norm", None) is None
+def default_pack_kind(module: torch.nn.Module) -> str | None:
+    """torch Linear/Embedding layers (and subclasses) can expand a compressed weight per forward."""
+    if isinstance(module, torch.nn.Embedding):
+        return "embedding" if module.max_norm is None else None
+    return "linear" if isinstance(module, torch.nn.Linear) else None
 
 
 def _owner(root: torch.nn.Module, key: str) -> torch.nn.Module | None:

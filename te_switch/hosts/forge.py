@@ -1,0 +1,505 @@
+"""Forge 2.x host adapter (lllyasviel/stable-diffusion-webui-forge, ``backend`` architecture).
+
+Where things live in Forge
+--------------------------
+* The model is ``modules.sd_models.model_data.sd_model`` (a ``FakeInitialModel`` until the first
+  generation, rebuilt as new objects by ``forge_model_reload``). Its encoders are the children of
+  ``forge_objects.clip.cond_stage_model`` (a ``JointTextEncoder``): ``clip_l``/``clip_g``/``clip_h`` are
+  ``IntegratedCLIP`` (``.transformer`` = HF ``CLIPTextModel`` with a square ``text_projection``
+  Linear), ``t5xxl`` is ``IntegratedT5`` (``.transformer`` = Forge's own T5). Forge's CLIP-G is HF
+  layout. Forge's SD2 text encoder has 23 layers (OpenCLIP-H without its last block): a 24-layer
+  CLIP-H file is accepted by dropping layer 23, and clip skip counts in the original 24 layers, so
+  N=1 does not exist there and acts as 2.
+* Prompts are encoded by ``ClassicTextProcessingEngine`` (CLIP) and ``T5TextProcessingEngine``;
+  Forge calls ``sd_model.set_clip_skip(opts.CLIP_stop_at_last_layers)`` right before each encode.
+
+Clip skip
+---------
+``ClassicTextProcessingEngine.encode_with_transformers`` is patched at class level (survives model
+reloads). Forge's own code runs unchanged when no generation is active, or when clip skip is Auto and
+the engine's slot is Built-in. Otherwise the tower's layer comes from the selection (Auto: Forge's own
+``max(clip_skip, minimal_clip_skip)``) and a truncated forward stops after that block, unless the
+engine must also return the pooled vector (SDXL/refiner CLIP-G, SD3 CLIP-L/G, Flux CLIP-L): then the
+forward runs to the end and the pooled vector is Forge's own (projected for non-L towers).
+SD1/SD2/Flux apply the final layer norm, SDXL/SD3 do not. Embeddings are cast to fp32 as Forge does;
+with an explicit slot precision the whole tower computes in that dtype and the result is cast to
+fp32 (what Forge returns). T5's encode is patched only to honour an explicit precision.
+
+Swaps
+-----
+Before any slot changes, the CLIP patcher is unloaded from ``memory_management.current_loaded_models``
+and LoRA is undone (``lora_loader.refresh({})``), so loads land in the checkpoint's own Parameters and
+LoRA's backups stay right; Forge reloads and re-merges LoRA on its next ``load_model_gpu``. The swap
+engine then loads in place (inside ``torch.inference_mode``: Forge creates its parameters there).
+Long-CLIP sets ``chunk_length`` 246 on every CLIP engine whose tower has 248 positions (SDXL's CLIP-G
+is stretched to 248 by the engine), 75 again after a restore. Cond caches: ``cached_params`` gets the
+adapter's ``cond_signature()`` appended; after a swap the class-level cache lists are emptied in place.
+After ``forge_model_reload`` call :meth:`ForgeAdapter.on_model_loaded` (register it with
+``script_callbacks.on_model_loaded``): it re-applies the last selection to the new objects.
+
+Decisions
+---------
+* CLIP files are always loaded dense in the slot's dtype (Forge upcasts fp8 CLIP files too).
+* T5 into a dense (fp16/bf16/fp32) slot: dense files are copied in. Compressed files (fp8, scaled
+  fp8, GGUF) at Auto precision stay compressed (``core.lowbit``): Forge's ``ForgeOperations.Linear`` is
+  a plain ``nn.Module`` with Linear's attributes, so the slot tells the engine which of its layers can
+  expand a weight per forward (``_forge_pack_kind``). At an explicit precision everything is expanded
+  to that dtype.
+* T5 into a slot Forge holds as fp8 / scaled fp8: an Auto precision is taken as fp16 (copying into fp8
+  storage would re-quantise the file, and Forge's ``scale_weight`` would rescale it); the slot's
+  ``scale_weight`` values are set to 1 while swapped. Built-in brings back the fp8 weights and scales.
+* T5 slots Forge holds as GGUF/NF4/FP4 (``ParameterGGUF``/bitsandbytes parameters) are refused: those
+  layers cannot be copied into or restored in place. Load such T5s through Forge's own module menu.
+* Chroma (T5 only, no clip skip in Forge) is not handled: ``family`` is None, nothing is patched for it
+  and :meth:`describe` says so.
+* LoRA merged into a T5 that is held compressed is not supported (Forge's merge rewrites the weight).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from te_switch.core import clip_skip as cs
+from te_switch.core.clip_skip import TowerPlan
+from te_switch.core.errors import IncompatibleError
+from te_switch.core.longclip import chunk_length as longclip_chunk_length
+from te_switch.core.selection import SLOTS_BY_FAMILY, Selection, SlotChoice
+from te_switch.core.tensors import Weight, dense, is_compressed
+from te_switch.hosts.base import HostAdapter, Resolver
+from te_switch.hosts.engine import LiveSlot, SlotRequest, SwapEngine, default_pack_kind
+from te_switch.hosts.modules import hf_clip_blocks, hf_clip_slot, t5_slot, text_transformer
+
+PATCH_KEY = "te_switch.forge"
+FAMILY_BY_CLASS = {
+    "StableDiffusion": "sd1",
+    "StableDiffusion2": "sd2",
+    "StableDiffusionXL": "sdxl",
+    "StableDiffusionXLRefiner": "sdxl-refiner",
+    "StableDiffusion3": "sd3",
+    "Flux": "flux",
+}
+T5_ONLY_CLASSES = ("Chroma",)
+CLIP_ENGINE_ATTRS = ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g")
+
+_INSTALLED: ForgeAdapter | None = None  # the adapter the class-level patches report to
+
+
+@dataclass(frozen=True)
+class EncodePlan:
+    """How one CLIP engine encodes during this generation (None plan: Forge's own code)."""
+
+    index: int  # 0-based block whose output conditions the model
+    final_ln: bool
+    stop: bool  # truncated forward: no pooled vector needed from this engine
+    dtype: torch.dtype | None  # explicit compute dtype; None: Forge's fp32-with-cast path
+
+
+def _forge_pack_kind(module: torch.nn.Module) -> str | None:
+    """Forge's ``ForgeOperations.Linear`` is a plain Module with Linear's attributes: it can keep a
+    compressed weight too, unless it carries Forge's own fp8 ``scale_weight``."""
+    kind = default_pack_kind(module)
+    if kind is not None:
+        return kind
+    looks_linear = type(module).__name__ == "Linear" and hasattr(module, "in_features")
+    has_weight = isinstance(module._parameters.get("weight"), torch.Tensor)
+    return "linear" if looks_linear and has_weight and getattr(module, "scale_weight", None) is None else None
+
+
+def _slot_stub(name: str, module: torch.nn.Module) -> LiveSlot:
+    """A LiveSlot that only identifies a module for engine queries (no key scan)."""
+    return LiveSlot(name, module, dict)
+
+
+def _host_offset(tower: str, blocks: int) -> int:
+    """Final layers of the original tower that Forge's copy lacks (SD2: 1)."""
+    full = cs.TOWER_LAYERS.get(tower, blocks)
+    return full - blocks if tower == "clip_h" and blocks < full else 0
+
+
+@contextlib.contextmanager
+def _autocast_off(device: torch.device) -> Iterator[None]:
+    """Our dtype choice must hold even if someone wrapped the encode in autocast."""
+    kind = device.type if device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
+    try:
+        ctx = torch.autocast(kind, enabled=False)
+    except (RuntimeError, ValueError):  # a device without autocast support
+        ctx = contextlib.nullcontext()
+    with ctx:
+        yield
+
+
+def _t5_storage(module: torch.nn.Module) -> str:
+    """How Forge stores a T5: 'dense', 'fp8', 'scaled-fp8' or 'quantized' (GGUF / bitsandbytes)."""
+    scaled = fp8 = False
+    for name, p in module.named_parameters():
+        if hasattr(p, "gguf_cls") or hasattr(p, "bnb_quantized"):
+            return "quantized"
+        if name.endswith("scale_weight"):
+            scaled = True
+        elif p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            fp8 = True
+    return "scaled-fp8" if scaled else "fp8" if fp8 else "dense"
+
+
+class ForgeAdapter(HostAdapter):
+    name = "forge"
+
+    def __init__(self, engine: SwapEngine | None = None) -> None:
+        super().__init__(engine)
+        # how Forge stored each T5 before we touched it (the live dtype changes while swapped)
+        self._t5_origin: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+
+    # -- the live model -----------------------------------------------------------------------
+
+    def live_model(self) -> Any | None:
+        try:
+            from modules import sd_models
+        except ImportError:
+            return None
+        model = getattr(getattr(sd_models, "model_data", None), "sd_model", None)
+        if model is None or getattr(model, "forge_objects", None) is None:
+            return None  # FakeInitialModel before the first generation, None during a reload
+        return model
+
+    def family(self, model: Any) -> str | None:
+        for cls in type(model).__mro__:
+            family = FAMILY_BY_CLASS.get(cls.__name__)
+            if family is not None:
+                return family
+        return None
+
+    def _is_t5_only(self, model: Any) -> bool:
+        return any(cls.__name__ in T5_ONLY_CLASSES for cls in type(model).__mro__)
+
+    def _joint(self, model: Any) -> torch.nn.Module:
+        return model.forge_objects.clip.cond_stage_model
+
+    def slots(self, model: Any) -> dict[str, LiveSlot]:
+        family = self.family(model)
+        joint = self._joint(model)
+        out: dict[str, LiveSlot] = {}
+        for name in SLOTS_BY_FAMILY.get(family or "", ()):
+            child = joint._modules.get(name)
+            if child is None:
+                continue
+            out[name] = (
+                self._t5_slot(child.transformer) if name == "t5xxl" else self._clip_slot(name, child.transformer)
+            )
+        return out
+
+    def _clip_slot(self, name: str, transformer: torch.nn.Module) -> LiveSlot:
+        slot = hf_clip_slot(name, transformer)
+        live_keys = set(transformer.state_dict().keys())
+        lead = "text_model." if any(k.startswith("text_model.") for k in live_keys) else ""
+        blocks = len(hf_clip_blocks(transformer))
+        drop_from = blocks if name == "clip_h" else None
+        base = slot.to_host
+
+        def to_host(sd: Mapping[str, Weight]) -> dict[str, Weight]:
+            canonical: dict[str, Weight] = {}
+            for key, value in sd.items():
+                is_block = key.startswith("text_model.encoder.layers.")
+                if drop_from is not None and is_block and int(key.split(".")[3]) >= drop_from:
+                    continue  # SD2: Forge's CLIP-H stops one block early
+                canonical[key] = dense(value) if is_compressed(value) else value
+            return base(canonical)
+
+        slot.to_host = to_host
+        # the TI wrapper registers the token table twice (``weight`` and ``wrapped.weight``): one load fills both
+        slot.derived = slot.derived | ({f"{lead}embeddings.token_embedding.wrapped.weight"} & live_keys)
+        # a Forge Linear that its checkpoint never filled keeps a ``dummy`` (SD1/SDXL CLIP-L's projection)
+        slot.optional = slot.optional | {k for k in live_keys if k.endswith(".dummy")}
+        return slot
+
+    def _t5_slot(self, t5: torch.nn.Module) -> LiveSlot:
+        slot = t5_slot("t5xxl", t5)
+        slot.pack_kind = _forge_pack_kind
+        origin = self._t5_origin.get(t5)
+        if origin is None or self.engine.applied(_slot_stub("t5xxl", t5)) is None:
+            origin = self._t5_origin[t5] = _t5_storage(t5)
+        if origin == "scaled-fp8":
+            live = t5.state_dict()
+            scales = {k: torch.ones_like(v, dtype=torch.float32) for k, v in live.items() if k.endswith("scale_weight")}
+            base = slot.to_host
+
+            def to_host(sd: Mapping[str, Weight]) -> dict[str, Weight]:
+                return {**base(sd), **scales}  # Forge multiplies weights by these: neutral while swapped
+
+            slot.to_host = to_host
+        return slot
+
+    # -- what the UI shows ---------------------------------------------------------------------
+
+    def _clip_engines(self, model: Any) -> list[Any]:
+        return [e for e in (getattr(model, a, None) for a in CLIP_ENGINE_ATTRS) if e is not None]
+
+    def _engine_for(self, model: Any, tower: str) -> Any | None:
+        return next((e for e in self._clip_engines(model) if e.embedding_key == tower), None)
+
+    def _host_clip_skip(self) -> int:
+        try:
+            from modules.shared import opts
+
+            return int(opts.CLIP_stop_at_last_layers)
+        except (ImportError, AttributeError, TypeError, ValueError):
+            return 1
+
+    def auto_plans(self, model: Any, family: str) -> list[TowerPlan]:
+        """What Forge does with its own setting: ``hidden_states[-max(N, minimal)]`` of its copy of each tower."""
+        n = self._host_clip_skip()
+        plans = []
+        for tower in cs.clip_towers(family):
+            engine = self._engine_for(model, tower)
+            if engine is None:
+                continue
+            blocks = len(hf_clip_blocks(engine.text_encoder.transformer))
+            layers = cs.TOWER_LAYERS[tower]
+            skip = min(max(n, engine.minimal_clip_skip) + _host_offset(tower, blocks), layers)
+            final_ln = bool(engine.final_layer_norm)
+            plans.append(TowerPlan(tower, skip, layers, final_ln, skip == cs.NATIVE_SKIP[family][tower]))
+        return plans
+
+    def plans(self, selection: Selection, model: Any = None) -> list[TowerPlan]:
+        model = self.live_model() if model is None else model
+        out = super().plans(selection, model)
+        if model is not None and self.family(model) == "sd2" and selection.clip_skip is not None:
+            native = cs.NATIVE_SKIP["sd2"]["clip_h"]
+            out = [replace(p, skip=max(p.skip, 2), native=max(p.skip, 2) == native) for p in out]
+        return out
+
+    def layer_note(self, model: Any, family: str, selection: Selection) -> str | None:
+        if family == "sd2" and selection.clip_skip == 1:
+            return "Forge's SD2 text encoder has 23 of CLIP-H's 24 layers: clip skip 1 acts as 2"
+        if family == "sd3" and selection.clip_skip is None and self._host_clip_skip() <= 1:
+            return "Forge's SD3 default is the last layer (diffusers uses the penultimate: clip skip 2)"
+        if family in ("sdxl", "sdxl-refiner") and selection.clip_skip == 1:
+            return "last layer without final norm (Forge's own slider stops at 2)"
+        return None
+
+    def describe(self, selection: Selection) -> str:
+        model = self.live_model()
+        if model is not None and self.family(model) is None and self._is_t5_only(model):
+            return f"{type(model).__name__} uses only T5: clip skip has no effect, and encoder swaps are not available"
+        return super().describe(selection)
+
+    # -- making the model match -----------------------------------------------------------------
+
+    def requests(self, model: Any, selection: Selection, resolve: Resolver) -> list[SlotRequest]:
+        out = []
+        for request in super().requests(model, selection, resolve):
+            if request.slot.name == "t5xxl" and not request.choice.is_builtin:
+                origin = self._t5_origin.get(request.slot.module, "dense")
+                if origin == "quantized":
+                    raise IncompatibleError(
+                        "T5-XXL: this checkpoint's T5 is GGUF/NF4-quantised in Forge and cannot be swapped in place;"
+                        " load the T5 through Forge's 'VAE / Text Encoder' menu instead"
+                    )
+                if origin in ("fp8", "scaled-fp8") and request.choice.precision == "auto":
+                    request = replace(request, choice=SlotChoice(request.choice.encoder, "fp16"))
+            out.append(request)
+        return out
+
+    def apply(self, selection: Selection, resolve: Resolver | None = None) -> list[str]:
+        resolve = resolve or self.resolver
+        model = self.live_model()
+        if model is None or self.family(model) is None:
+            return []
+        if resolve is None:
+            raise RuntimeError("no encoder resolver configured")
+        requests = self.requests(model, selection, resolve)
+        if any(self.engine.would_change(r) for r in requests):
+            self._release(model)
+        with torch.inference_mode():
+            changed = self.engine.apply(requests)
+        self.requested = selection
+        if changed:
+            self.after_swap(model, changed)
+        return changed
+
+    def _release(self, model: Any) -> None:
+        """Take the text encoders off Forge's loaded list and undo LoRA, so loads hit the real weights."""
+        from backend import memory_management
+
+        clip = model.forge_objects.clip
+        joint = clip.cond_stage_model
+        for loaded in list(memory_management.current_loaded_models):
+            if getattr(loaded.model, "model", None) is joint:
+                loaded.model_unload()
+                memory_management.current_loaded_models.remove(loaded)
+        loader = getattr(joint, "lora_loader", None)
+        if loader is not None:
+            loader.refresh(lora_patches={}, offload_device=clip.patcher.offload_device)
+        memory_management.soft_empty_cache()
+
+    def after_swap(self, model: Any, changed: list[str]) -> None:
+        for engine in self._clip_engines(model):
+            embeddings = text_transformer(engine.text_encoder.transformer).embeddings
+            engine.chunk_length = longclip_chunk_length(int(embeddings.position_embedding.weight.shape[0]))
+        self.clear_cond_caches()
+
+    def clear_cond_caches(self, p: Any = None) -> None:
+        """Empty Forge's cond caches in place (instances alias the class lists); ``p`` too when given."""
+        try:
+            from modules import processing
+        except ImportError:
+            return
+        for cls_name, names in (
+            ("StableDiffusionProcessing", ("cached_c", "cached_uc")),
+            ("StableDiffusionProcessingTxt2Img", ("cached_hr_c", "cached_hr_uc")),
+        ):
+            cls = getattr(processing, cls_name, None)
+            for name in names:
+                cache = vars(cls).get(name) if cls is not None else None
+                if isinstance(cache, list):
+                    cache[:] = [None] * len(cache)
+        if p is not None and hasattr(p, "clear_prompt_cache"):
+            p.clear_prompt_cache()
+
+    def on_model_loaded(self, sd_model: Any) -> list[str]:
+        """``script_callbacks.on_model_loaded``: Forge built new encoder objects; make them match again.
+
+        Errors propagate (one-line ``TESwitchError``): the caller reports them; the new model keeps its
+        own encoders.
+        """
+        return self.reapply()
+
+    # -- the encode ---------------------------------------------------------------------------
+
+    def encode_plan(self, engine: Any) -> EncodePlan | None:
+        """The plan for a CLIP engine during this generation; None: run Forge's own code."""
+        selection = self.active
+        if selection is None:
+            return None
+        model = self.live_model()
+        family = self.family(model) if model is not None else None
+        if family is None or not any(engine is e for e in self._clip_engines(model)):
+            return None
+        tower = engine.embedding_key
+        transformer = engine.text_encoder.transformer
+        stub = _slot_stub(tower, transformer)
+        if selection.clip_skip is None and self.engine.applied(stub) is None:
+            return None
+        blocks = len(hf_clip_blocks(transformer))
+        offset = _host_offset(tower, blocks)
+        if selection.clip_skip is None:
+            skip = max(engine.clip_skip, engine.minimal_clip_skip) + offset
+            final_ln = bool(engine.final_layer_norm)
+        else:
+            skip = cs.tower_skip(family, tower, selection.clip_skip, selection.scope)
+            final_ln = cs.FINAL_LAYER_NORM[family]
+        skip = min(max(skip, offset + 1), blocks + offset)
+        index = cs.block_for_skip(blocks, skip, layer_offset=offset)
+        return EncodePlan(index, final_ln, not engine.return_pooled, self.engine.compute_dtype(stub))
+
+    def encode_clip(self, engine: Any, tokens: torch.Tensor, plan: EncodePlan) -> torch.Tensor:
+        """``encode_with_transformers`` with our layer, LN and dtype; pooled exactly as Forge makes it."""
+        from backend import memory_management
+
+        device = memory_management.text_encoder_device()
+        transformer = engine.text_encoder.transformer
+        text_model = text_transformer(transformer)
+        embeddings = text_model.embeddings
+        embeddings.position_ids = embeddings.position_ids.to(device=device)
+        if plan.dtype is None:
+            # Forge's own dtype handling: fp32 activations, weights cast per layer
+            embeddings.position_embedding = embeddings.position_embedding.to(dtype=torch.float32)
+            embeddings.token_embedding = embeddings.token_embedding.to(dtype=torch.float32)
+        tokens = tokens.to(device)
+        outputs = None
+        with _autocast_off(device), cs.LayerTap(hf_clip_blocks(transformer)[plan.index], stop=plan.stop) as tap:
+            outputs = transformer(tokens, output_hidden_states=False)
+        z = tap.output
+        if z is None:
+            raise RuntimeError("the text encoder returned before the chosen layer ran")
+        if plan.final_ln:
+            z = text_model.final_layer_norm(z)
+        pooled = None
+        if engine.return_pooled:
+            pooled = outputs.pooler_output
+            if engine.text_projection and engine.embedding_key != "clip_l":
+                pooled = transformer.text_projection(pooled)
+        if plan.dtype is not None:
+            z = z.to(torch.float32)
+            pooled = None if pooled is None else pooled.to(torch.float32)
+        if pooled is not None:
+            z.pooled = pooled
+        return z
+
+    def t5_dtype(self, engine: Any) -> torch.dtype | None:
+        """An explicit precision for this T5 engine's slot during a generation, else None."""
+        if self.active is None:
+            return None
+        return self.engine.compute_dtype(_slot_stub("t5xxl", engine.text_encoder))
+
+    # -- patches ------------------------------------------------------------------------------
+
+    def _patch_targets(self) -> list[tuple[Any, str, Callable[..., Any]]]:
+        from backend.text_processing.classic_engine import ClassicTextProcessingEngine
+        from backend.text_processing.t5_engine import T5TextProcessingEngine
+        from modules import patches
+        from modules.processing import StableDiffusionProcessing
+
+        def original(cls: Any, field: str) -> Callable[..., Any]:
+            return patches.original(PATCH_KEY, cls, field) or getattr(cls, field)
+
+        classic = original(ClassicTextProcessingEngine, "encode_with_transformers")
+        t5 = original(T5TextProcessingEngine, "encode_with_transformers")
+        cached = original(StableDiffusionProcessing, "cached_params")
+
+        def encode_with_transformers(engine: Any, tokens: torch.Tensor) -> torch.Tensor:
+            adapter = _INSTALLED
+            plan = adapter.encode_plan(engine) if adapter is not None else None
+            if plan is None:
+                return classic(engine, tokens)
+            return adapter.encode_clip(engine, tokens, plan)  # type: ignore[union-attr]
+
+        def t5_encode_with_transformers(engine: Any, tokens: torch.Tensor) -> torch.Tensor:
+            adapter = _INSTALLED
+            dtype = adapter.t5_dtype(engine) if adapter is not None else None
+            if dtype is None:
+                return t5(engine, tokens)
+            from backend import memory_management
+
+            device = memory_management.text_encoder_device()
+            with _autocast_off(device):
+                z = engine.text_encoder(input_ids=tokens.to(device))
+            return z.to(torch.float32)
+
+        def cached_params(p: Any, *args: Any, **kwargs: Any) -> tuple:
+            key = cached(p, *args, **kwargs)
+            adapter = _INSTALLED
+            return key if adapter is None else (*key, adapter.cond_signature())
+
+        return [
+            (ClassicTextProcessingEngine, "encode_with_transformers", encode_with_transformers),
+            (T5TextProcessingEngine, "encode_with_transformers", t5_encode_with_transformers),
+            (StableDiffusionProcessing, "cached_params", cached_params),
+        ]
+
+    def install(self) -> None:
+        global _INSTALLED
+        from modules import patches
+
+        if _INSTALLED is self:
+            return
+        for obj, field, replacement in self._patch_targets():
+            if patches.original(PATCH_KEY, obj, field) is not None:
+                patches.undo(PATCH_KEY, obj, field)  # a stale copy (script reload): ours goes on top of Forge's
+            patches.patch(PATCH_KEY, obj, field, replacement)
+        _INSTALLED = self
+
+    def uninstall(self) -> None:
+        global _INSTALLED
+        from modules import patches
+
+        for obj, field, _ in self._patch_targets():
+            if patches.original(PATCH_KEY, obj, field) is not None:
+                patches.undo(PATCH_KEY, obj, field)
+        if _INSTALLED is self:
+            _INSTALLED = None
