@@ -277,7 +277,7 @@ def make_t5(
     seed: int = 0,
 ) -> nn.Module:
     """A random ``T5EncoderModel`` (v1.1: gated-gelu) or ``UMT5EncoderModel``; eval mode."""
-    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
     kw = {
         "vocab_size": vocab,
@@ -293,7 +293,12 @@ def make_t5(
         "tie_word_embeddings": False,
     }
     torch.manual_seed(seed)
-    model = UMT5EncoderModel(UMT5Config(**kw)) if umt5 else T5EncoderModel(T5Config(**kw))
+    if umt5:
+        from transformers import UMT5Config, UMT5EncoderModel  # transformers >= 4.31 (A1111 pins 4.30)
+
+        model = UMT5EncoderModel(UMT5Config(**kw))
+    else:
+        model = T5EncoderModel(T5Config(**kw))
     return randomize_(model, seed).eval()
 
 
