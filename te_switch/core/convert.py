@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from te_switch.core.detect import QUANT_SIDE_SUFFIXES, TowerInfo, tower_keys
-from te_switch.core.errors import BadFileError
+from te_switch.core.errors import BadFileError, TESwitchError
 from te_switch.core.readers import TensorSource
-from te_switch.core.tensors import PackedTensor, Weight, dense, materialize
+from te_switch.core.tensors import PackedTensor, Weight, all_finite, dense, materialize
 
 # ---------------------------------------------------------------------------------------------
 # tables
@@ -334,7 +334,7 @@ def first_non_finite(sd: Mapping[str, Weight]) -> str | None:
     for key, w in sd.items():
         if isinstance(w, torch.Tensor) and not w.is_floating_point():
             continue
-        if not bool(torch.isfinite(dense(w)).all()):
+        if not all_finite(dense(w)):
             return key
     return None
 
@@ -385,6 +385,8 @@ def save_canonical(
     try:
         save_file(tensors, tmp, metadata=dict(metadata or {}))
         os.replace(tmp, path)
+    except Exception as e:  # safetensors reports I/O problems as its own error type
+        raise TESwitchError(f"{path}: cannot write ({' '.join(str(e).split())})") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -56,7 +56,7 @@ class EncoderChoice:
         return self.tower.kind
 
 
-def _identity(path: str) -> tuple[int, float]:
+def file_identity(path: str) -> tuple[int, float]:
     """(size, mtime) — for a sharded index, the newest and total over the index and its shards."""
     st = os.stat(path)
     if not path.endswith(INDEX_SUFFIX):
@@ -107,8 +107,8 @@ class EncoderLibrary:
         try:
             with open(self.cache_file, encoding="utf-8") as f:
                 data = json.load(f)
-            if data.get("version") == CACHE_VERSION and isinstance(data.get("files"), dict):
-                self._cache = data["files"]
+            if isinstance(data, dict) and data.get("version") == CACHE_VERSION and isinstance(data.get("files"), dict):
+                self._cache = {k: v for k, v in data["files"].items() if isinstance(v, dict)}
         except (OSError, ValueError):
             self._cache = {}  # a damaged cache is only a slower first scan
 
@@ -139,7 +139,7 @@ class EncoderLibrary:
                         continue
                     seen.add(real)
                     try:
-                        size, mtime = _identity(path)
+                        size, mtime = file_identity(path)
                     except OSError:
                         continue
                     name = os.path.relpath(path, root).replace(os.sep, "/")
@@ -149,11 +149,16 @@ class EncoderLibrary:
             return list(files)
 
     def _towers(self, path: str, size: int, mtime: float) -> list[TowerInfo]:
-        entry = self._cache.get(path)
-        if entry and entry.get("size") == size and entry.get("mtime") == mtime and "towers" in entry:
-            return [TowerInfo(**t) for t in entry["towers"]]
+        entry = self._cache.setdefault(path, {})
+        if entry.get("size") != size or entry.get("mtime") != mtime:
+            entry.clear()  # the file changed: its hash is stale too
+        elif "towers" in entry:
+            try:
+                return [TowerInfo(**t) for t in entry["towers"]]
+            except TypeError:
+                pass  # written by another version of TowerInfo: read the file again
         towers = inspect_path(path)
-        self._cache[path] = {"size": size, "mtime": mtime, "towers": [t.to_json() for t in towers]}
+        entry.update(size=size, mtime=mtime, towers=[t.to_json() for t in towers])
         self._dirty = True
         return towers
 
@@ -191,7 +196,7 @@ class EncoderLibrary:
 
     def short_hash(self, path: str) -> str:
         with self._lock:
-            size, mtime = _identity(path)
+            size, mtime = file_identity(path)
             entry = self._cache.setdefault(path, {})
             if entry.get("size") != size or entry.get("mtime") != mtime:
                 entry.clear()

@@ -233,11 +233,12 @@ def _placeholder(shape: torch.Size, dtype: torch.dtype, device: torch.device) ->
 
 
 def _to_bytes(packed: PackedTensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``packed``'s data and scale as uint8 tensors on ``device`` (copies only where needed)."""
-    raw = packed.raw.contiguous().view(torch.uint8).to(device)
+    """``packed``'s data and scale as uint8 tensors on ``device``, always copies: the source may be a
+    view into a memory-mapped file that can change or vanish after the swap."""
+    raw = packed.raw.contiguous().view(torch.uint8).to(device, copy=True)
     if packed.scale is None:
         return raw, None
-    return raw, packed.scale.contiguous().reshape(-1).view(torch.uint8).to(device)
+    return raw, packed.scale.contiguous().reshape(-1).view(torch.uint8).to(device, copy=True)
 
 
 def _install(

@@ -7,6 +7,7 @@ host adapters make the live model match one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from te_switch.core.tensors import PRECISIONS
@@ -68,8 +69,12 @@ class Selection:
     slots: dict[str, SlotChoice] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.clip_skip is not None and not 1 <= int(self.clip_skip) <= CLIP_SKIP_MAX:
-            raise ValueError(f"clip skip must be 1..{CLIP_SKIP_MAX} or Auto, not {self.clip_skip!r}")
+        if self.clip_skip is not None:
+            # one spelling per value (so equal selections have equal signatures); Auto is None, not 0
+            n = parse_clip_skip(self.clip_skip)
+            if n is None:
+                raise ValueError(f"clip skip must be 1..{CLIP_SKIP_MAX} (None for Auto), not {self.clip_skip!r}")
+            object.__setattr__(self, "clip_skip", n)
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}, not {self.scope!r}")
         unknown = set(self.slots) - set(ALL_SLOTS)
@@ -105,6 +110,8 @@ def parse_clip_skip(value: object) -> int | None:
             value = float(text)
         except ValueError:
             raise ValueError(f"clip skip must be 1..{CLIP_SKIP_MAX} or Auto, not {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"clip skip must be 1..{CLIP_SKIP_MAX} or Auto, not {value!r}")
     n = int(value)  # type: ignore[call-overload]
     if n != value:
         raise ValueError(f"clip skip must be a whole number, not {value!r}")

@@ -29,10 +29,11 @@ import torch
 from te_switch.core.convert import load_tower
 from te_switch.core.detect import TowerInfo
 from te_switch.core.errors import BadFileError, IncompatibleError, TESwitchError
+from te_switch.core.library import file_identity
 from te_switch.core.longclip import stretch_positions
 from te_switch.core.readers import open_file
 from te_switch.core.selection import KINDS_BY_SLOT, SLOT_LABELS, SlotChoice
-from te_switch.core.tensors import PRECISIONS, PackedTensor, Weight, dense, is_compressed
+from te_switch.core.tensors import PRECISIONS, PackedTensor, Weight, all_finite, dense, is_compressed
 
 Resize = Callable[[int], None]
 
@@ -61,7 +62,18 @@ class LiveSlot:
             self.label = SLOT_LABELS.get(self.name, self.name)
 
     def live_tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.module.state_dict(keep_vars=True))
+        """The tensors ``state_dict()`` would name, without running its hooks: a compressed
+        (lowbit) layer reports its placeholder instead of expanding its weight."""
+        out: dict[str, torch.Tensor] = {}
+        for name, module in self.module.named_modules(remove_duplicate=False):
+            prefix = f"{name}." if name else ""
+            for key, param in module._parameters.items():
+                if param is not None:
+                    out[prefix + key] = param
+            for key, buf in module._buffers.items():
+                if buf is not None and key not in module._non_persistent_buffers_set:
+                    out[prefix + key] = buf
+        return out
 
     def positions(self) -> int | None:
         live = self.live_tensors()
@@ -103,6 +115,10 @@ class Applied:
     precision: str
     identity: tuple
     positions: int | None
+    # what was asked (positions: the stretch request), to return to it when a later swap fails;
+    # never the slot itself: the engine's memory is weakly keyed by the slot's module
+    choice: SlotChoice | None = None
+    wanted_positions: int | None = None
 
 
 @dataclass
@@ -128,8 +144,8 @@ def _identity(request: SlotRequest) -> tuple:
     source, extra = request.source, (request.choice.precision, request.positions)
     if source is None:
         return ("builtin", *extra)
-    st = os.stat(source.path)
-    return (os.path.realpath(source.path), st.st_size, st.st_mtime, source.tower.prefix, *extra)
+    size, mtime = file_identity(source.path)  # a sharded index counts its shards
+    return (os.path.realpath(source.path), size, mtime, source.tower.prefix, *extra)
 
 
 class SwapEngine:
@@ -212,19 +228,43 @@ class SwapEngine:
         for key, value in host.items():
             if isinstance(value, torch.Tensor) and not value.is_floating_point():
                 continue
-            if not bool(torch.isfinite(dense(value)).all()):
+            if not all_finite(dense(value)):
                 raise BadFileError(source.path, f"tensor {key} holds NaN or Inf values")
 
     # -- commit / restore ---------------------------------------------------------------------
 
     def apply(self, requests: Iterable[SlotRequest]) -> list[str]:
-        """Prepare every request, then commit them all. Returns the names of slots that changed."""
+        """Prepare every request, then commit them all. Returns the names of slots that changed.
+
+        If a commit fails, every slot of this call goes back to what it held before the call.
+        """
         with self._lock:
             prepared = [self.prepare(r) for r in requests]
-            changed = [p.slot.name for p in prepared if self._commit(p)]
+            before = [(p.slot, self.applied(p.slot)) for p in prepared]
+            try:
+                changed = [p.slot.name for p in prepared if self._commit(p)]
+            except Exception:
+                for slot, previous in before:
+                    self._return_to(slot, previous)
+                self.epoch += 1
+                raise
             if changed:
                 self.epoch += 1
             return changed
+
+    def _return_to(self, slot: LiveSlot, previous: Applied | None) -> None:
+        """Best effort: put ``slot`` back to ``previous`` (Built-in when that cannot be re-read)."""
+        current = self.applied(slot)
+        if previous is None or previous.choice is None:
+            if current is not None:
+                self.restore(slot)
+            return
+        if current is not None and current.identity == previous.identity:
+            return
+        try:
+            self._commit(self.prepare(SlotRequest(slot, previous.choice, previous.source, previous.wanted_positions)))
+        except Exception:
+            self.restore(slot)
 
     def _commit(self, p: Prepared) -> bool:
         request, slot = p.request, p.slot
@@ -255,7 +295,9 @@ class SwapEngine:
         except Exception as e:
             self._rollback(slot, mem)
             raise TESwitchError(f"{slot.label}: swap failed and was undone ({type(e).__name__}: {e})") from e
-        mem.applied = Applied(request.source, request.choice.precision, p.identity, slot.positions())
+        mem.applied = Applied(
+            request.source, request.choice.precision, p.identity, slot.positions(), request.choice, request.positions
+        )
         return True
 
     def _original_positions(self, slot: LiveSlot) -> int | None:

@@ -116,7 +116,6 @@ def openclip_slot(
     name: str,
     model: torch.nn.Module,
     *,
-    layout_prefix: str = "",
     resizable: bool = True,
     kinds: tuple[str, ...] = (),
     label: str = "",
@@ -124,10 +123,9 @@ def openclip_slot(
     """A slot over an OpenCLIP text tower (``token_embedding``, ``positional_embedding``,
     ``transformer.resblocks``, ``ln_final``, raw ``text_projection``; ``logit_scale`` is kept)."""
     live_keys = set(model.state_dict().keys())
-    p = layout_prefix
 
     def to_host(sd: Mapping[str, Weight]) -> dict[str, Weight]:
-        return {p + k: v for k, v in canonical_to_openclip(sd).items()}
+        return canonical_to_openclip(sd)
 
     def resize(n: int) -> None:
         resize_openclip(model, n)
@@ -140,7 +138,7 @@ def openclip_slot(
         to_host,
         kinds=kinds,
         optional=frozenset(optional),
-        position_keys=frozenset({p + "positional_embedding"}),
+        position_keys=frozenset({"positional_embedding"}),
         resize=resize if resizable else None,
         label=label,
     )

@@ -1,0 +1,1274 @@
+"""hosts.engine.SwapEngine and hosts.base.HostAdapter: atomic, in-place, bit-identical swaps.
+
+DESIGN "Swap semantics": a swap reads and validates the whole file before touching the model, loads
+in place, and "Built-in" puts the checkpoint's own tensors back bit for bit. Every check below
+compares raw bytes (``view(uint8)``) and dtypes of every parameter *and* buffer of the slot module,
+against a copy taken before the first swap. Oracles for loaded values are the donor modules the
+files were written from (``refmodels``), never te_switch's own conversion.
+
+Runs under transformers 5.x (``CLIPTextModel`` without ``text_model``) and 4.x (the host venvs).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import filemakers as fm
+import pytest
+import refmodels as rm
+import torch
+from torch import nn
+
+from te_switch.core import lowbit
+from te_switch.core.clip_skip import TowerPlan
+from te_switch.core.convert import load_tower
+from te_switch.core.detect import detect
+from te_switch.core.errors import TESwitchError
+from te_switch.core.longclip import causal_mask, stretch_positions
+from te_switch.core.readers import open_file
+from te_switch.core.selection import Selection, SlotChoice
+from te_switch.core.tensors import PackedTensor, materialize
+from te_switch.hosts import engine as engine_mod
+from te_switch.hosts.base import HostAdapter
+from te_switch.hosts.engine import EncoderSource, LiveSlot, SlotRequest, SwapEngine
+from te_switch.hosts.modules import hf_clip_slot, openclip_slot, t5_slot, text_transformer
+
+W = 64  # tower width: swap rules do not depend on it (real sizes only in the memory test)
+T5_VOCAB = 256
+HF_SPELLINGS = ["CLIPTextModel", "CLIPTextModelWithProjection"]  # transformers 5.x: flat vs text_model. keys
+
+Bits = dict[str, tuple[torch.dtype, tuple[int, ...], torch.Tensor]]
+
+
+# ---------------------------------------------------------------------------------------------
+# builders and comparisons
+
+
+def hf_clip(seed: int, *, proj: bool = False, positions: int = 77, width: int = W) -> nn.Module:
+    return rm.make_hf_clip(
+        width, 2, 4, vocab=rm.SMALL_VOCAB, proj_dim=48 if proj else None, positions=positions, seed=seed
+    )
+
+
+def openclip(
+    seed: int, *, proj: int | None = 48, context: int = 77, long: bool = False, layers: int = 2, width: int = W
+) -> rm.OpenClipTextTransformer:
+    return rm.make_openclip(
+        width, layers, 4, vocab=rm.SMALL_VOCAB, proj_dim=proj, context=context, long_clip=long, seed=seed
+    )
+
+
+def make_t5(seed: int) -> nn.Module:
+    """A tiny v1.1 T5 encoder (built here: refmodels.make_t5 needs UMT5, which transformers 4.30 lacks)."""
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(
+        vocab_size=T5_VOCAB, d_model=W, d_kv=W // 4, d_ff=2 * W, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128,
+        dropout_rate=0.0, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return rm.randomize_(T5EncoderModel(cfg), seed).eval()
+
+
+def t5_variant(model: nn.Module, variant: str) -> nn.Module:
+    """'hf': shared + tied encoder.embed_tokens; 'embed-only': a WebUI-style T5; 'shared-only': no embed_tokens key."""
+    if variant == "embed-only":
+        del model.shared
+    elif variant == "shared-only":
+        model.encoder.embed_tokens = None
+    return model
+
+
+@torch.no_grad()
+def t5_encode(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
+    emb = model.shared if "shared" in model._modules else model.encoder.embed_tokens
+    out = model.encoder(inputs_embeds=emb(ids), output_hidden_states=True)
+    return [*out.hidden_states, out.last_hidden_state]
+
+
+def t5_ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, T5_VOCAB, (2, 11), generator=torch.Generator().manual_seed(seed))
+
+
+def save(path: Path, tensors: Mapping[str, torch.Tensor]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return fm.save_safetensors(path, tensors)
+
+
+def hf_file(
+    folder: Path, seed: int, *, proj: bool = True, positions: int = 77, flat: bool = False, name: str | None = None
+) -> tuple[Path, nn.Module]:
+    donor = hf_clip(seed, proj=proj, positions=positions)
+    path = save(folder / (name or f"clip-{seed}-{positions}.safetensors"), fm.hf_clip_state(donor, flat=flat))
+    return path, donor
+
+
+def openclip_file(folder: Path, seed: int, **kw: Any) -> tuple[Path, rm.OpenClipTextTransformer]:
+    donor = openclip(seed, **kw)
+    return save(folder / f"openclip-{seed}.safetensors", fm.openclip_state(donor)), donor
+
+
+def source(path: Path, kind: str, *, tower: str | None = None, label: str | None = None) -> EncoderSource:
+    """The tiny towers are CLIP-L/G or T5-XXL in all but width: take detect's answer, set the kind."""
+    with open_file(path) as src:
+        infos = detect(src)
+    info = next(t for t in infos if tower is None or t.tower == tower)
+    return EncoderSource(str(path), replace(info, kind=kind), label or path.name, "0123456789")
+
+
+def req(
+    slot: LiveSlot, src: EncoderSource | None = None, precision: str = "auto", positions: int | None = None
+) -> SlotRequest:
+    return SlotRequest(slot, SlotChoice(src.label if src else None, precision), src, positions)
+
+
+def raw(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous().clone().reshape(-1).view(torch.uint8)
+
+
+def bits(module: nn.Module) -> Bits:
+    """dtype, shape and raw bytes of every parameter and buffer (tied and non-persistent ones included)."""
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    return {name: (t.dtype, tuple(t.shape), raw(t)) for name, t in named}
+
+
+def assert_bits(module: nn.Module, want: Bits) -> None:
+    got = bits(module)
+    assert got.keys() == want.keys()
+    for name, (dtype, shape, data) in want.items():
+        assert got[name][:2] == (dtype, shape), name
+        assert torch.equal(got[name][2], data), f"{name} differs"
+
+
+def same_bits(module: nn.Module, want: Bits) -> bool:
+    try:
+        assert_bits(module, want)
+    except AssertionError:
+        return False
+    return True
+
+
+def param_ids(module: nn.Module) -> dict[str, int]:
+    return {n: id(p) for n, p in module.named_parameters(remove_duplicate=False)}
+
+
+def assert_same(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype, k
+        assert torch.equal(got[k], v), k
+
+
+def hf_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return rm.hf_clip_canonical_sd(model)
+
+
+def clip_out(model: nn.Module, positions: int = 77, seed: int = 0) -> dict[str, Any]:
+    return rm.hf_clip_outputs(model, rm.clip_tokens(2, positions, rm.SMALL_VOCAB, seed=seed))
+
+
+def assert_outputs_equal(
+    a: Mapping[str, Any], b: Mapping[str, Any], keys: Iterable[str] = ("hidden_states", "last")
+) -> None:
+    for key in keys:
+        xs, ys = (a[key], b[key]) if isinstance(a[key], list) else ([a[key]], [b[key]])
+        assert len(xs) == len(ys)
+        for x, y in zip(xs, ys, strict=True):
+            assert torch.equal(x, y), key
+
+
+def one_line_error(exc: BaseException, *needles: str) -> str:
+    text = str(exc)
+    assert "\n" not in text, text
+    assert text.strip() == text, text
+    for n in needles:
+        assert n in text, f"{n!r} not in {text!r}"
+    return text
+
+
+def fail_first_load(module: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next load_state_dict copies half the tensors, then raises (a crash mid-commit); later calls are real."""
+    real = module.load_state_dict
+    calls = {"n": 0}
+
+    def load(state_dict: Mapping[str, Any], strict: bool = True, **kw: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] > 1:
+            return real(state_dict, strict=strict, **kw)
+        live = module.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for key in list(state_dict)[: len(state_dict) // 2]:
+                if key in live and live[key].shape == state_dict[key].shape:
+                    live[key].copy_(state_dict[key])
+        raise RuntimeError("simulated out-of-memory half-way through the load")
+
+    monkeypatch.setattr(module, "load_state_dict", load)
+
+
+# ---------------------------------------------------------------------------------------------
+# swap and Built-in: bit-identical for every module family
+
+
+@pytest.mark.parametrize("file_flat", [False, True], ids=["file-text_model", "file-flat"])
+@pytest.mark.parametrize("spelling", HF_SPELLINGS)
+def test_hf_clip_swap_loads_in_place_and_builtin_restores_bits(tmp_path: Path, spelling: str, file_flat: bool) -> None:
+    proj = spelling.endswith("Projection")
+    model = hf_clip(1, proj=proj)
+    before, ids = bits(model), param_ids(model)
+    path, donor = hf_file(tmp_path, 2, flat=file_flat)
+    slot, engine = hf_clip_slot("clip_l", model), SwapEngine()
+
+    assert engine.apply([req(slot, source(path, "clip-l"))]) == ["clip_l"]
+    want = hf_weights(donor)
+    if not proj:
+        del want["text_projection.weight"]  # the slot has none: dropped, not an error
+    assert_same(hf_weights(model), want)
+    assert param_ids(model) == ids  # loaded in place: hooks and host references stay valid
+    assert_outputs_equal(clip_out(model), clip_out(donor))
+    assert engine.applied(slot).source.path == str(path)
+
+    assert engine.apply([req(slot)]) == ["clip_l"]
+    assert_bits(model, before)
+    assert param_ids(model) == ids
+    assert engine.applied(slot) is None
+    assert len(engine._memory) == 0  # the snapshot is freed, not kept for later
+
+
+def test_openclip_tower_swap_and_restore(tmp_path: Path) -> None:
+    model = openclip(1)
+    before, ids = bits(model), param_ids(model)
+    path, donor = openclip_file(tmp_path, 2)
+    slot, engine = openclip_slot("clip_g", model), SwapEngine()
+
+    engine.apply([req(slot, source(path, "clip-g"))])
+    assert_same(model.state_dict(), donor.state_dict())  # fused in_proj rebuilt bit for bit
+    toks = rm.clip_tokens(2, 77, rm.SMALL_VOCAB)
+    got, want = rm.ref_outputs(model, toks), rm.ref_outputs(donor, toks)
+    assert_outputs_equal(got, want, ("hidden_states", "last", "pooled"))
+    assert param_ids(model) == ids
+
+    engine.apply([req(slot)])
+    assert_bits(model, before)  # attn_mask (a non-persistent buffer) included
+
+
+def test_hf_layout_file_into_openclip_tower_matches_the_hf_donor(tmp_path: Path) -> None:
+    model = openclip(1)
+    path, donor = hf_file(tmp_path, 3)
+    engine = SwapEngine()
+    engine.apply([req(openclip_slot("clip_g", model), source(path, "clip-g"))])
+    toks = rm.clip_tokens(3, 77, rm.SMALL_VOCAB)
+    # fp32 (transformers 4.46's eager mask overflows in float64): a wrong q/k/v fuse or projection is O(1e-2)
+    assert rm.max_output_diff(rm.ref_outputs(model, toks), rm.hf_clip_outputs(donor, toks)) < 1e-5
+
+
+@pytest.mark.parametrize("file_layout", ["shared", "embed_tokens"])
+@pytest.mark.parametrize("variant", ["hf", "embed-only", "shared-only"])
+def test_t5_swap_and_restore(tmp_path: Path, variant: str, file_layout: str) -> None:
+    model = t5_variant(make_t5(1), variant)
+    before = bits(model)
+    donor = make_t5(2)
+    stored = fm.t5_state(donor, shared=file_layout == "shared", embed_tokens=file_layout == "embed_tokens")
+    path = save(tmp_path / "t5.safetensors", stored)
+    slot, engine = t5_slot("t5xxl", model), SwapEngine()
+
+    engine.apply([req(slot, source(path, "t5-xxl"))])
+    ids = t5_ids()
+    for got, want in zip(t5_encode(model, ids), t5_encode(donor, ids), strict=True):
+        assert torch.equal(got, want)
+    table = donor.shared.weight
+    for key, value in model.state_dict().items():
+        if key in ("shared.weight", "encoder.embed_tokens.weight"):
+            assert torch.equal(value, table), key
+
+    engine.apply([req(slot)])
+    assert_bits(model, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# atomicity: nothing changes unless everything fits
+
+
+def _bad_clip_g(folder: Path, case: str) -> tuple[Path, str, tuple[str, ...]]:
+    """(file, the kind the library would report, words the error must contain)."""
+    if case == "wrong-kind":
+        path, _ = hf_file(folder, 40, name="a-clip-l.safetensors")
+        return path, "clip-l", ("cannot go into", "CLIP-G")
+    if case == "truncated":
+        path, _ = openclip_file(folder, 41)
+        return path, "clip-g", ("truncated",)
+    if case == "nan":
+        sd = fm.openclip_state(openclip(42))
+        sd["transformer.resblocks.1.mlp.c_fc.weight"][3, 5] = float("nan")
+        return save(folder / "nan.safetensors", sd), "clip-g", ("NaN",)
+    if case == "wrong-shape":
+        path, _ = openclip_file(folder, 43, width=32)
+        return path, "clip-g", ("needs",)
+    if case == "missing-layer":
+        path, _ = openclip_file(folder, 44, layers=1)
+        return path, "clip-g", ("lacks",)
+    if case == "extra-layer":
+        path, _ = openclip_file(folder, 45, layers=3)
+        return path, "clip-g", ("has no place",)
+    if case == "incomplete":
+        sd = fm.openclip_state(openclip(46))
+        del sd["ln_final.bias"]
+        return save(folder / "incomplete.safetensors", sd), "clip-g", ("incomplete",)
+    if case == "unexpected-projection":
+        path, _ = openclip_file(folder, 47)  # has a text_projection; the slot's tower below has none
+        return path, "clip-g", ("has no place",)
+    raise AssertionError(case)
+
+
+BAD_CASES = [
+    "wrong-kind",
+    "truncated",
+    "nan",
+    "wrong-shape",
+    "missing-layer",
+    "extra-layer",
+    "incomplete",
+    "unexpected-projection",
+]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_second_file_leaves_both_slots_untouched(tmp_path: Path, case: str) -> None:
+    clip_l, clip_g = hf_clip(1), openclip(2, proj=None if case == "unexpected-projection" else 48)
+    slot_l, slot_g = hf_clip_slot("clip_l", clip_l), openclip_slot("clip_g", clip_g)
+    engine = SwapEngine()
+    earlier, _ = hf_file(tmp_path, 3)
+    engine.apply([req(slot_l, source(earlier, "clip-l"))])  # clip_l already holds a file: it must keep it
+    held_l, before_g, epoch = bits(clip_l), bits(clip_g), engine.epoch
+
+    good, _ = hf_file(tmp_path, 4)
+    bad, kind, needles = _bad_clip_g(tmp_path / "bad", case)
+    bad_src = source(bad, kind)
+    if case == "truncated":  # the file shrank after the library scanned it
+        os.truncate(bad, os.path.getsize(bad) // 2)
+    with pytest.raises(TESwitchError) as err:
+        engine.apply([req(slot_l, source(good, "clip-l")), req(slot_g, bad_src)])
+    one_line_error(err.value, bad.name, *needles)
+    assert_bits(clip_l, held_l)
+    assert_bits(clip_g, before_g)
+    assert engine.epoch == epoch
+    assert engine.applied(slot_l).source.path == str(earlier)
+    assert engine.applied(slot_g) is None
+
+
+def test_failure_during_commit_rolls_back_dtypes_and_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = hf_clip(1).half()
+    before = bits(model)
+    path, _ = hf_file(tmp_path, 2)
+    slot, engine = hf_clip_slot("clip_l", model), SwapEngine()
+    fail_first_load(model, monkeypatch)
+    with pytest.raises(TESwitchError) as err:
+        engine.apply([req(slot, source(path, "clip-l"), "fp32")])  # dtypes are changed before the load
+    one_line_error(err.value, "CLIP-L", "undone", "simulated")
+    assert_bits(model, before)
+    assert engine.applied(slot) is None
+    assert len(engine._memory) == 0
+    # the engine is usable afterwards
+    engine.apply([req(slot, source(path, "clip-l"))])
+    engine.apply([req(slot)])
+    assert_bits(model, before)
+
+
+def test_failure_committing_the_second_slot_undoes_the_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DESIGN: atomic across slots. A commit that fails for CLIP-G must not leave CLIP-L swapped."""
+    clip_l, clip_g = hf_clip(1), openclip(2)
+    slot_l, slot_g = hf_clip_slot("clip_l", clip_l), openclip_slot("clip_g", clip_g)
+    before_l, before_g = bits(clip_l), bits(clip_g)
+    file_l, _ = hf_file(tmp_path, 3)
+    file_g, _ = openclip_file(tmp_path, 4)
+    engine = SwapEngine()
+    epoch = engine.epoch
+    fail_first_load(clip_g, monkeypatch)
+    with pytest.raises(TESwitchError):
+        engine.apply([req(slot_l, source(file_l, "clip-l")), req(slot_g, source(file_g, "clip-g"))])
+    assert_bits(clip_g, before_g)
+    undone = same_bits(clip_l, before_l)
+    assert undone, f"CLIP-L kept the new file after the apply failed (epoch {epoch} -> {engine.epoch})"
+    assert engine.applied(slot_l) is None
+
+
+def test_failed_swap_over_an_earlier_swap_keeps_the_earlier_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A → (B fails while loading): the model must still be A and the engine must say so."""
+    model = hf_clip(1)
+    slot, engine = hf_clip_slot("clip_l", model), SwapEngine()
+    file_a, _ = hf_file(tmp_path, 2)
+    file_b, _ = hf_file(tmp_path, 3)
+    src_a = source(file_a, "clip-l")
+    engine.apply([req(slot, src_a)])
+    held_a, epoch = bits(model), engine.epoch
+    fail_first_load(model, monkeypatch)
+    with pytest.raises(TESwitchError):
+        engine.apply([req(slot, source(file_b, "clip-l"))])
+    applied = engine.applied(slot)
+    now = "Built-in" if applied is None else applied.source.label
+    kept = same_bits(model, held_a)  # DESIGN: any failure leaves the model bit-identical
+    assert kept, f"the failed swap left the slot at {now} (epoch {epoch} -> {engine.epoch}), not at A"
+    assert applied is not None
+    assert applied.source == src_a
+
+
+# ---------------------------------------------------------------------------------------------
+# idempotence, epochs, identities
+
+
+def test_same_request_twice_is_a_no_op(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = hf_clip(1)
+    slot, engine = hf_clip_slot("clip_l", model), SwapEngine()
+    assert engine.apply([req(slot)]) == []  # Built-in on an untouched slot
+    assert engine.epoch == 0
+    path, _ = hf_file(tmp_path, 2)
+    src = source(path, "clip-l")
+    assert engine.apply([req(slot, src, "fp16")]) == ["clip_l"]
+    epoch, held = engine.epoch, bits(model)
+    opened: list[str] = []
+    real_open = engine_mod.open_file
+    monkeypatch.setattr(engine_mod, "open_file", lambda p: opened.append(p) or real_open(p))
+    assert engine.apply([req(slot, src, "fp16")]) == []
+    assert opened == []  # not even read again
+    assert engine.epoch == epoch
+    assert_bits(model, held)
+
+
+def test_epoch_bumps_on_every_real_change(tmp_path: Path) -> None:
+    model = hf_clip(1, proj=True)
+    slot, engine = hf_clip_slot("clip_l", model), SwapEngine()
+    a, _ = hf_file(tmp_path, 2)
+    b, _ = hf_file(tmp_path, 3)
+    seen = [engine.epoch]
+    steps = [
+        req(slot, source(a, "clip-l")),
+        req(slot, source(b, "clip-l")),
+        req(slot, source(b, "clip-l"), "bf16"),
+        req(slot, None, "fp16"),  # the checkpoint's own weights at another precision
+        req(slot, None, positions=248),
+        req(slot),
+    ]
+    for step in steps:
+        assert engine.apply([step]) == ["clip_l"]
+        assert engine.epoch > seen[-1]
+        seen.append(engine.epoch)
+
+
+def test_touched_file_is_a_new_identity(tmp_path: Path) -> None:
+    model = hf_clip(1)
+    slot, engine = hf_clip_slot("clip_l", model), SwapEngine()
+    path, _ = hf_file(tmp_path, 2)
+    src = source(path, "clip-l")
+    engine.apply([req(slot, src)])
+    # the user replaced the file under the same name: the next apply must load the new content
+    _, donor = hf_file(tmp_path, 5, name=path.name)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert engine.apply([req(slot, src)]) == ["clip_l"]
+    assert_same(hf_weights(model), {k: v for k, v in hf_weights(donor).items() if "projection" not in k})
+
+
+def test_a_changed_shard_is_a_new_identity(tmp_path: Path) -> None:
+    """A sharded encoder is its index *and* its shards (as the library's cache sees it)."""
+    model = make_t5(1)
+    state = fm.t5_state(make_t5(2))
+    second = {k: v for k, v in state.items() if ".block.1." in k}
+    first = {k: v for k, v in state.items() if k not in second}
+    index = fm.write_sharded(tmp_path / "t5", [first, second])
+    slot, engine = t5_slot("t5xxl", model), SwapEngine()
+    src = source(index, "t5-xxl")
+    engine.apply([req(slot, src)])
+    newer = fm.t5_state(make_t5(3))
+    shard = next(index.parent.glob("model-00002-*.safetensors"))
+    fm.save_safetensors(shard, {k: newer[k] for k in second})  # a re-downloaded shard; the index is unchanged
+    st = os.stat(shard)
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert engine.apply([req(slot, src)]) == ["t5xxl"]
+    key = "encoder.block.1.layer.1.DenseReluDense.wo.weight"
+    assert torch.equal(model.state_dict()[key], newer[key])
+
+
+def test_a_then_b_then_builtin_restores_the_checkpoint_not_a(tmp_path: Path) -> None:
+    model = hf_clip(1, proj=True)
+    before = bits(model)
+    slot, engine = hf_clip_slot("clip_l", model), SwapEngine()
+    a, _ = hf_file(tmp_path, 2)
+    b, donor_b = hf_file(tmp_path, 3)
+    engine.apply([req(slot, source(a, "clip-l"))])
+    engine.apply([req(slot, source(b, "clip-l"))])
+    assert_same(hf_weights(model), hf_weights(donor_b))
+    engine.apply([req(slot)])
+    assert_bits(model, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# precision
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("spelling", HF_SPELLINGS)
+def test_precision_request_changes_dtypes_and_auto_restores(tmp_path: Path, spelling: str, precision: str) -> None:
+    want_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    model = hf_clip(1, proj=spelling.endswith("Projection")).half()  # a WebUI keeps the TE in fp16
+    before = bits(model)
+    path, donor = hf_file(tmp_path, 2)
+    slot, engine = hf_clip_slot("clip_l", model), SwapEngine()
+
+    engine.apply([req(slot, source(path, "clip-l"), precision)])
+    assert engine.compute_dtype(slot) == want_dtype
+    for name, p in model.named_parameters():
+        assert p.dtype == want_dtype, name
+    got = hf_weights(model)
+    for key, value in got.items():
+        assert torch.equal(value, hf_weights(donor)[key].to(want_dtype)), key
+    for name, buf in model.named_buffers():
+        assert not buf.is_floating_point(), name  # position_ids stay integer
+
+    engine.apply([req(slot)])
+    assert engine.compute_dtype(slot) is None
+    assert_bits(model, before)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_builtin_at_another_precision_uses_the_checkpoints_own_values(precision: str) -> None:
+    model = openclip(1).half()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before_bits = bits(model)
+    slot, engine = openclip_slot("clip_g", model), SwapEngine()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    assert engine.apply([req(slot, None, precision)]) == ["clip_g"]
+    for key, value in model.state_dict().items():
+        assert value.dtype == dtype, key
+        assert torch.equal(value, before[key].to(dtype)), key  # fp16 -> fp32 is exact
+    assert model.attn_mask.dtype == before_bits["attn_mask"][0]  # buffers keep their dtype
+    engine.apply([req(slot)])
+    assert_bits(model, before_bits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Long-CLIP: 77 <-> 248 positions
+
+
+@pytest.mark.parametrize("spelling", HF_SPELLINGS)
+def test_long_clip_file_resizes_an_hf_tower_and_builtin_shrinks_it(tmp_path: Path, spelling: str) -> None:
+    model = hf_clip(1, proj=spelling.endswith("Projection"))
+    before, ids = bits(model), param_ids(model)
+    path, donor = hf_file(tmp_path, 3, positions=248)
+    slot, engine = hf_clip_slot("clip_l", model), SwapEngine()
+
+    engine.apply([req(slot, source(path, "long-clip-l"))])
+    emb = text_transformer(model).embeddings
+    assert emb.position_embedding.weight.shape == (248, W)
+    assert torch.equal(emb.position_embedding.weight, text_transformer(donor).embeddings.position_embedding.weight)
+    assert torch.equal(emb.position_ids, torch.arange(248).unsqueeze(0))
+    assert emb.position_embedding.num_embeddings == 248
+    assert model.config.max_position_embeddings == 248
+    assert slot.positions() == 248
+    assert engine.applied(slot).positions == 248
+    assert param_ids(model) == ids
+    assert_outputs_equal(clip_out(model, 248), clip_out(donor, 248))  # a 248-token prompt runs end to end
+
+    engine.apply([req(slot)])
+    assert model.config.max_position_embeddings == 77
+    assert emb.position_embedding.num_embeddings == 77
+    assert_bits(model, before)
+    assert_outputs_equal(clip_out(model), clip_out(hf_clip(1, proj=spelling.endswith("Projection"))))
+
+
+def test_original_long_clip_into_openclip_tower_rebuilds_the_mask(tmp_path: Path) -> None:
+    model = openclip(1)
+    before = bits(model)
+    long_ref = openclip(4, context=248, long=True)
+    path = save(tmp_path / "longclip-L.safetensors", fm.openclip_state(long_ref))
+    slot, engine = openclip_slot("clip_l", model), SwapEngine()
+
+    engine.apply([req(slot, source(path, "long-clip-l"))])
+    assert torch.equal(model.positional_embedding, long_ref.effective_positions())
+    assert model.attn_mask.shape == (248, 248)
+    assert torch.equal(model.attn_mask, torch.full((248, 248), float("-inf")).triu_(1))
+    toks = rm.clip_tokens(2, 248, rm.SMALL_VOCAB)
+    got, want = rm.ref_outputs(model, toks), rm.ref_outputs(long_ref, toks)
+    assert_outputs_equal(got, want, ("hidden_states", "last", "pooled"))
+
+    engine.apply([req(slot)])
+    assert model.attn_mask.shape == (77, 77)
+    assert_bits(model, before)
+
+
+def test_long_clip_into_a_fixed_size_slot_is_refused(tmp_path: Path) -> None:
+    model = hf_clip(1)
+    before = bits(model)
+    path, _ = hf_file(tmp_path, 3, positions=248)
+    slot, engine = hf_clip_slot("clip_l", model, resizable=False), SwapEngine()
+    with pytest.raises(TESwitchError) as err:
+        engine.apply([req(slot, source(path, "long-clip-l"))])
+    one_line_error(err.value, path.name, "248")
+    assert_bits(model, before)
+
+
+def test_stretch_request_on_builtin_hf_tower(tmp_path: Path) -> None:
+    model = hf_clip(1, proj=True)
+    before = bits(model)
+    table = text_transformer(model).embeddings.position_embedding.weight.detach().clone()
+    slot, engine = hf_clip_slot("clip_l", model), SwapEngine()
+
+    assert engine.apply([req(slot, None, positions=248)]) == ["clip_l"]
+    emb = text_transformer(model).embeddings
+    assert torch.equal(emb.position_embedding.weight, stretch_positions(table))
+    assert torch.equal(emb.position_ids, torch.arange(248).unsqueeze(0))
+    assert model.config.max_position_embeddings == 248
+    assert engine.applied(slot).positions == 248
+    # a later plain Built-in (no stretch asked) puts the 77-row checkpoint back
+    assert engine.apply([req(slot)]) == ["clip_l"]
+    assert_bits(model, before)
+
+
+def test_stretch_request_on_a_77_position_file_and_an_openclip_tower(tmp_path: Path) -> None:
+    model = openclip(1)
+    before = bits(model)
+    path, donor = openclip_file(tmp_path, 2)
+    slot, engine = openclip_slot("clip_g", model), SwapEngine()
+    engine.apply([req(slot, source(path, "clip-g"), positions=248)])
+    assert torch.equal(model.positional_embedding, stretch_positions(donor.positional_embedding.detach()))
+    assert torch.equal(model.attn_mask, causal_mask(248))
+    assert torch.equal(
+        model.transformer.resblocks[1].attn.in_proj_weight, donor.transformer.resblocks[1].attn.in_proj_weight
+    )
+    # the same file without the stretch is a different request
+    assert engine.apply([req(slot, source(path, "clip-g"))]) == ["clip_g"]
+    assert model.positional_embedding.shape == (77, W)
+    engine.apply([req(slot)])
+    assert_bits(model, before)
+
+
+def test_stretch_to_an_unsupported_count_fails_cleanly() -> None:
+    model = hf_clip(1)
+    before = bits(model)
+    slot, engine = hf_clip_slot("clip_l", model), SwapEngine()
+    with pytest.raises(TESwitchError) as err:
+        engine.apply([req(slot, None, positions=300)])
+    one_line_error(err.value, "300")
+    assert_bits(model, before)
+    assert engine.applied(slot) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# optional and derived keys
+
+
+def test_optional_projection_comes_from_the_checkpoint_not_an_earlier_file(tmp_path: Path) -> None:
+    model = hf_clip(1, proj=True)
+    own = model.text_projection.weight.detach().clone()
+    with_proj, donor_a = hf_file(tmp_path, 2, proj=True)
+    without, donor_b = hf_file(tmp_path, 3, proj=False)
+    slot, engine = hf_clip_slot("clip_l", model), SwapEngine()
+    engine.apply([req(slot, source(with_proj, "clip-l"))])
+    assert torch.equal(model.text_projection.weight, donor_a.text_projection.weight)
+    engine.apply([req(slot, source(without, "clip-l"))])
+    assert torch.equal(model.text_projection.weight, own)
+    got = hf_weights(model)
+    del got["text_projection.weight"]
+    assert_same(got, hf_weights(donor_b))
+
+
+def test_openclip_file_without_projection_keeps_the_checkpoints(tmp_path: Path) -> None:
+    model = openclip(1)
+    own = model.text_projection.detach().clone()
+    a, _ = openclip_file(tmp_path, 2)
+    b, _ = openclip_file(tmp_path / "b", 3, proj=None)
+    slot, engine = openclip_slot("clip_g", model), SwapEngine()
+    engine.apply([req(slot, source(a, "clip-g"))])
+    assert not torch.equal(model.text_projection, own)
+    engine.apply([req(slot, source(b, "clip-g"))])
+    assert torch.equal(model.text_projection, own)
+
+
+def _persistent_position_ids(model: nn.Module) -> None:
+    """transformers 4.30 saves position_ids; 5.x keeps it out of the state dict. Make both look like 4.30."""
+    emb = text_transformer(model).embeddings
+    emb.register_buffer("position_ids", emb.position_ids, persistent=True)
+
+
+def test_position_ids_are_never_taken_from_files(tmp_path: Path) -> None:
+    model = hf_clip(1)
+    _persistent_position_ids(model)
+    before = bits(model)
+    donor = hf_clip(2)
+    scrambled = torch.arange(77).flip(0).unsqueeze(0)
+    path = save(tmp_path / "ids.safetensors", fm.hf_clip_state(donor, position_ids=scrambled))
+    slot, engine = hf_clip_slot("clip_l", model), SwapEngine()
+    assert any(k.endswith("position_ids") for k in slot.derived)
+    engine.apply([req(slot, source(path, "clip-l"), "fp16")])
+    assert torch.equal(text_transformer(model).embeddings.position_ids, torch.arange(77).unsqueeze(0))
+    assert text_transformer(model).embeddings.position_ids.dtype == torch.int64
+    engine.apply([req(slot)])
+    assert_bits(model, before)
+
+
+def test_a_slot_mapping_that_supplies_a_derived_key_is_refused(tmp_path: Path) -> None:
+    model = hf_clip(1)
+    _persistent_position_ids(model)
+    before = bits(model)
+    base = hf_clip_slot("clip_l", model)
+    ids_key = next(iter(base.derived))
+
+    def to_host(sd: Mapping[str, Any]) -> dict[str, Any]:
+        return {**base.to_host(sd), ids_key: torch.zeros(1, 77, dtype=torch.int64)}
+
+    slot = replace(base, to_host=to_host)
+    path, _ = hf_file(tmp_path, 2)
+    with pytest.raises(TESwitchError) as err:
+        SwapEngine().apply([req(slot, source(path, "clip-l"))])
+    one_line_error(err.value, "position_ids", "derived")
+    assert_bits(model, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# compressed weights (core.lowbit) at Auto precision
+
+
+def _compressed_t5_file(folder: Path, donor: nn.Module, fmt: str) -> tuple[Path, dict[str, torch.Tensor] | None]:
+    """(file, the dense values it stands for when an independent oracle exists)."""
+    sd = fm.t5_state(donor)
+    if fmt == "scaled-fp8":
+        stored, dense = fm.scaled_fp8_state(sd)
+        return save(folder / "t5xxl_fp8_e4m3fn_scaled.safetensors", stored), dense
+    pytest.importorskip("gguf")
+    from te_switch.synth_gguf import hf_t5_to_llama_names, write_gguf
+
+    path = folder / "t5-v1_1-xxl-encoder-Q8_0.gguf"
+    write_gguf(path, hf_t5_to_llama_names(sd), "Q8_0")
+    return path, None
+
+
+def _packed_modules(model: nn.Module) -> set[str]:
+    return {name for name, m in model.named_modules() if lowbit.is_attached(m)}
+
+
+@pytest.mark.parametrize("fmt", ["scaled-fp8", "gguf-q8_0"])
+def test_compressed_t5_stays_packed_at_auto_and_encodes_like_dense(tmp_path: Path, fmt: str) -> None:
+    model = make_t5(1)
+    before = bits(model)
+    path, dense = _compressed_t5_file(tmp_path, make_t5(2), fmt)
+    src = source(path, "t5-xxl")
+    if dense is None:  # GGUF: the values the file holds, expanded once
+        with open_file(path) as f:
+            dense = materialize(load_tower(f, src.tower), torch.float32)
+    oracle = make_t5(3)
+    rm.load_canonical_into_hf(oracle, dense)
+    slot, engine = t5_slot("t5xxl", model), SwapEngine()
+
+    engine.apply([req(slot, src)])
+    packed = _packed_modules(model)
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    embeddings = {n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    rel_bias = {n for n in embeddings if "relative_attention_bias" in n}
+    if fmt == "scaled-fp8":
+        assert packed == linears  # only the scaled matrices; embeddings were stored dense
+    else:
+        assert packed == linears | (embeddings - rel_bias)  # F32 relative bias stays dense
+    for name, m in model.named_modules():
+        if "layer_norm" in name:
+            assert not lowbit.is_attached(m), name
+            assert torch.isfinite(m.weight).all(), name
+    assert 0 < lowbit.compressed_bytes(model) < lowbit.dense_bytes(model)
+    ids = t5_ids()
+    for got, want in zip(t5_encode(model, ids), t5_encode(oracle, ids), strict=True):
+        assert torch.equal(got, want)
+
+    # the same file at fp16 is expanded: nothing stays packed
+    engine.apply([req(slot, src, "fp16")])
+    assert _packed_modules(model) == set()
+    for key, value in model.state_dict().items():
+        want_key = "shared.weight" if key == "encoder.embed_tokens.weight" else key
+        assert value.dtype == torch.float16, key
+        assert torch.equal(value, dense[want_key].half()), key
+
+    engine.apply([req(slot, src)])  # packed again, then back to Built-in
+    assert _packed_modules(model)
+    engine.apply([req(slot)])
+    assert _packed_modules(model) == set()
+    assert not any(lowbit.RAW_BUFFER in n for n, _ in model.named_buffers())
+    assert_bits(model, before)
+
+
+def test_packed_weights_do_not_depend_on_the_file_after_the_swap(tmp_path: Path) -> None:
+    """The file may be rewritten in place (a re-download, a sync tool): the swapped model must not change."""
+    model = make_t5(1)
+    path, _ = _compressed_t5_file(tmp_path, make_t5(2), "scaled-fp8")
+    slot, engine = t5_slot("t5xxl", model), SwapEngine()
+    engine.apply([req(slot, source(path, "t5-xxl"))])
+    ids = t5_ids()
+    want = t5_encode(model, ids)
+    with open(path, "r+b") as f:  # same inode, new bytes (not a replace)
+        (header,) = torch.frombuffer(bytearray(f.read(8)), dtype=torch.int64).tolist()
+        f.seek(8 + header)
+        f.write(bytes(os.path.getsize(path) - 8 - header))
+    for got, expect in zip(t5_encode(model, ids), want, strict=True):
+        assert torch.equal(got, expect), "the packed weights still read the file's pages"
+
+
+def test_packed_weights_are_never_expanded_all_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keeping T5-XXL packed saves ~9 GB only if nothing expands every weight together afterwards.
+
+    Validation expands one tensor at a time (NaN check) before anything is attached; after the first
+    attach, reading the slot's shapes (positions(), the Applied record, a later prepare) needs no values.
+    """
+    model = make_t5(1)
+    path, _ = _compressed_t5_file(tmp_path, make_t5(2), "scaled-fp8")
+    other, _ = _compressed_t5_file(tmp_path / "other", make_t5(3), "scaled-fp8")
+    slot, engine = t5_slot("t5xxl", model), SwapEngine()
+    attached = {"yes": False}
+    expanded: list[int] = []  # storage of each packed weight expanded after the first attach
+    real_dequantize, real_attach = PackedTensor.dequantize, lowbit.attach
+
+    def dequantize(self: PackedTensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if attached["yes"]:
+            expanded.append(self.raw.untyped_storage().data_ptr())
+        return real_dequantize(self, *args, **kwargs)
+
+    def attach(*args: Any, **kwargs: Any) -> None:
+        attached["yes"] = True
+        real_attach(*args, **kwargs)
+
+    monkeypatch.setattr(PackedTensor, "dequantize", dequantize)
+    monkeypatch.setattr(lowbit, "attach", attach)
+    engine.apply([req(slot, source(path, "t5-xxl"))])
+    assert expanded == [], f"{len(expanded)} packed weights expanded after attaching (commit)"
+    slot.positions()
+    assert expanded == [], f"{len(expanded)} packed weights expanded to read a position count"
+    live = {b.untyped_storage().data_ptr() for n, b in model.named_buffers() if n.endswith(lowbit.RAW_BUFFER)}
+    engine.prepare(req(slot, source(other, "t5-xxl")))  # expands the new file's weights (NaN check): fine
+    ours = [p for p in expanded if p in live]
+    assert ours == [], f"{len(ours)} packed weights of the live slot expanded to validate another file"
+
+
+def test_plain_fp8_clip_packs_linear_and_embedding_weights_only(tmp_path: Path) -> None:
+    model = hf_clip(1, proj=True)
+    before = bits(model)
+    donor = hf_clip(2, proj=True)
+    fp8 = fm.hf_clip_state(donor, dtype=torch.float8_e4m3fn)  # norms and biases in fp8 too
+    path = save(tmp_path / "clip_l_fp8.safetensors", fp8)
+    slot, engine = hf_clip_slot("clip_l", model), SwapEngine()
+    engine.apply([req(slot, source(path, "clip-l"))])
+    for name, m in model.named_modules():
+        assert lowbit.is_attached(m) == isinstance(m, nn.Linear | nn.Embedding), name
+        dense_here = [m.weight, m.bias] if isinstance(m, nn.LayerNorm) else [getattr(m, "bias", None)]
+        for t in (t for t in dense_here if isinstance(t, torch.Tensor)):
+            assert t.dtype == torch.float32, name  # expanded into the live dtype, not packed
+            assert torch.isfinite(t).all(), name
+    oracle = hf_clip(3, proj=True)
+    rm.load_canonical_into_hf(oracle, {k: v.float() for k, v in fp8.items()})
+    assert_outputs_equal(clip_out(model), clip_out(oracle), ("hidden_states", "last", "pooled"))
+    engine.apply([req(slot)])
+    assert_bits(model, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+
+
+def live_tensors() -> tuple[int, int]:
+    """(count, bytes of distinct CPU storages) of every tensor Python can reach."""
+    gc.collect()
+    count, storages = 0, {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu":  # type(): no lazy-module __class__
+            count += 1
+            st = obj.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+    return count, sum(storages.values())
+
+
+def _cycles(engine: SwapEngine, slot: LiveSlot, src: EncoderSource, n: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Live tensors after the second and after the last of ``n`` swap/Built-in cycles."""
+    seen = []
+    for i in range(n):
+        engine.apply([req(slot, src)])
+        engine.apply([req(slot)])
+        assert len(engine._memory) == 0  # no snapshot kept after Built-in
+        if i in (1, n - 1):
+            seen.append(live_tensors())
+    return seen[0], seen[1]
+
+
+def test_swap_restore_cycles_do_not_grow_memory(tmp_path: Path) -> None:
+    model = hf_clip(1, proj=True)
+    path, _ = hf_file(tmp_path, 2, positions=248)  # the resize path too
+    slot, engine = hf_clip_slot("clip_l", model), SwapEngine()
+    early, late = _cycles(engine, slot, source(path, "long-clip-l"), 20)
+    assert late == early
+
+
+def test_packed_swap_restore_cycles_do_not_grow_memory(tmp_path: Path) -> None:
+    model = make_t5(1)
+    path, _ = _compressed_t5_file(tmp_path, make_t5(2), "scaled-fp8")
+    slot, engine = t5_slot("t5xxl", model), SwapEngine()
+    early, late = _cycles(engine, slot, source(path, "t5-xxl"), 20)
+    assert late == early
+
+
+@pytest.mark.skipif(not os.environ.get("TE_SWITCH_SLOW_TESTS"), reason="real-size CLIP-L: set TE_SWITCH_SLOW_TESTS=1")
+def test_real_size_clip_l_cycles_do_not_grow_memory(tmp_path: Path, sparse_files: bool) -> None:
+    from transformers import CLIPTextModel
+
+    with torch.device("meta"):
+        model = CLIPTextModel(rm.hf_clip_config(*fm.CLIP_L))
+    model = model.to_empty(device="cpu").half()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.5)
+        text_transformer(model).embeddings.position_ids.copy_(torch.arange(77))
+    path = fm.write_sparse_safetensors(tmp_path / "clip_l.safetensors", fm.hf_clip_spec(768, 12))
+    slot, engine = hf_clip_slot("clip_l", model), SwapEngine()
+    early, late = _cycles(engine, slot, source(path, "clip-l"), 20)
+    assert late == early
+
+
+def test_forget_drops_the_snapshot_and_a_dead_module_frees_it(tmp_path: Path) -> None:
+    model = hf_clip(1)
+    path_a, donor_a = hf_file(tmp_path, 2)
+    path_b, _ = hf_file(tmp_path, 3)
+    slot, engine = hf_clip_slot("clip_l", model), SwapEngine()
+    engine.apply([req(slot, source(path_a, "clip-l"))])
+    snapshot = weakref.ref(next(iter(engine._memory[model].original.values())))
+    engine.forget(model)
+    gc.collect()
+    assert snapshot() is None
+    assert engine.applied(slot) is None
+    assert engine.restore(slot) is False  # nothing to restore: the host replaces the weights itself
+    # what the module holds now is what a later Built-in returns to
+    held = bits(model)
+    engine.apply([req(slot, source(path_b, "clip-l"))])
+    engine.apply([req(slot)])
+    assert_bits(model, held)
+    assert_same(
+        hf_weights(model),
+        {k: v for k, v in hf_weights(donor_a).items() if "projection" not in k},
+    )
+
+    engine.apply([req(slot, source(path_b, "clip-l"))])
+    assert len(engine._memory) == 1
+    del model, slot
+    gc.collect()
+    assert len(engine._memory) == 0  # weakly keyed: an unloaded model takes its snapshot with it
+
+
+# ---------------------------------------------------------------------------------------------
+# host hooks and wrappers survive
+
+
+class CountingWrapper(nn.Module):
+    """What A1111's EmbeddingsWithFixes does: wrap token_embedding, keep the original as `.wrapped`."""
+
+    def __init__(self, wrapped: nn.Module) -> None:
+        super().__init__()
+        self.wrapped = wrapped
+        self.calls = 0
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.wrapped(ids)
+
+
+def test_hooks_and_wrappers_on_the_slot_survive_swaps(tmp_path: Path) -> None:
+    model = hf_clip(1)
+    emb = text_transformer(model).embeddings
+    original_embedding = emb.token_embedding
+    wrapper = CountingWrapper(original_embedding)
+    emb.token_embedding = wrapper
+    calls = {"pre": 0, "block": 0}
+    model.register_forward_pre_hook(lambda m, a: calls.__setitem__("pre", calls["pre"] + 1))
+    text_transformer(model).encoder.layers[0].register_forward_hook(
+        lambda m, a, o: calls.__setitem__("block", calls["block"] + 1)
+    )
+    base = hf_clip_slot("clip_l", model)
+
+    def to_host(sd: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            k.replace("token_embedding.weight", "token_embedding.wrapped.weight"): v
+            for k, v in base.to_host(sd).items()
+        }
+
+    slot = replace(base, to_host=to_host)
+    before = bits(model)
+    path, _ = hf_file(tmp_path, 2, proj=False)
+    long, _ = hf_file(tmp_path, 3, proj=False, positions=248)
+    engine = SwapEngine()
+    for step in (req(slot, source(path, "clip-l")), req(slot, source(long, "long-clip-l")), req(slot)):
+        engine.apply([step])
+        assert emb.token_embedding is wrapper
+        assert wrapper.wrapped is original_embedding
+        clip_out(model)
+    assert calls == {"pre": 3, "block": 3}
+    assert wrapper.calls == 3
+    assert_bits(model, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# HostAdapter (hosts/base.py) through a minimal concrete adapter
+
+
+class FakeModel:
+    def __init__(self, family: str, towers: Mapping[str, nn.Module]) -> None:
+        self.family = family
+        self.towers = dict(towers)
+
+
+class TinyAdapter(HostAdapter):
+    name = "tiny"
+
+    def __init__(self, model: FakeModel | None, engine: SwapEngine) -> None:
+        super().__init__(engine)
+        self.model = model
+        self.swapped: list[list[str]] = []
+        self.note: str | None = None
+        self.auto: list[TowerPlan] | None = None
+
+    def live_model(self) -> FakeModel | None:
+        return self.model
+
+    def family(self, model: FakeModel) -> str | None:
+        return model.family
+
+    def slots(self, model: FakeModel) -> dict[str, LiveSlot]:
+        return {
+            name: openclip_slot(name, m) if isinstance(m, rm.OpenClipTextTransformer) else hf_clip_slot(name, m)
+            for name, m in model.towers.items()
+        }
+
+    def auto_plans(self, model: Any, family: str) -> list[TowerPlan]:
+        return self.auto if self.auto is not None else super().auto_plans(model, family)
+
+    def layer_note(self, model: Any, family: str, selection: Selection) -> str | None:
+        return self.note
+
+    def after_swap(self, model: Any, changed: list[str]) -> None:
+        self.swapped.append(list(changed))
+
+    def install(self) -> None:
+        pass
+
+    def uninstall(self) -> None:
+        pass
+
+
+def sdxl() -> FakeModel:
+    return FakeModel("sdxl", {"clip_l": hf_clip(10), "clip_g": openclip(11)})
+
+
+@pytest.fixture
+def library(tmp_path: Path) -> dict[str, EncoderSource]:
+    long_l, _ = hf_file(tmp_path, 21, positions=248, name="long.safetensors")
+    plain_l, _ = hf_file(tmp_path, 20, name="plain.safetensors")
+    g, _ = openclip_file(tmp_path, 22)
+    nan = fm.openclip_state(openclip(23))
+    nan["ln_final.weight"][0] = float("inf")
+    bad = save(tmp_path / "bad-g.safetensors", nan)
+    return {
+        "long": source(long_l, "long-clip-l", label="long"),
+        "plain": source(plain_l, "clip-l", label="plain"),
+        "g": source(g, "clip-g", label="g"),
+        "bad-g": source(bad, "clip-g", label="bad-g"),
+    }
+
+
+def resolver(lib: Mapping[str, EncoderSource]) -> Callable[[str, str], EncoderSource]:
+    def resolve(slot: str, label: str) -> EncoderSource:
+        if label not in lib:
+            raise TESwitchError(f"{label}: not in the encoder folders")
+        return lib[label]
+
+    return resolve
+
+
+def sel(**slots: str) -> Selection:
+    return Selection(slots={k: SlotChoice(v) for k, v in slots.items()})
+
+
+@pytest.mark.parametrize(
+    ("family", "towers", "choice", "g_positions"),
+    [
+        ("sdxl", ("clip_l", "clip_g"), "long", 248),
+        ("sdxl", ("clip_l", "clip_g"), "plain", None),
+        ("sdxl", ("clip_l", "clip_g"), None, None),
+        ("sd1", ("clip_l",), "long", None),
+        ("sdxl-refiner", ("clip_g",), "long", None),
+    ],
+)
+def test_requests_stretch_clip_g_only_beside_a_long_clip_l(
+    library: dict[str, EncoderSource], family: str, towers: tuple[str, ...], choice: str | None, g_positions: int | None
+) -> None:
+    made = {"clip_l": lambda: hf_clip(10), "clip_g": lambda: openclip(11)}
+    adapter = TinyAdapter(FakeModel(family, {t: made[t]() for t in towers}), SwapEngine())
+    selection = sel(clip_l=choice) if choice else Selection()
+    requests = {r.slot.name: r for r in adapter.requests(adapter.model, selection, resolver(library))}
+    assert set(requests) == set(towers)
+    if "clip_l" in requests:
+        assert requests["clip_l"].positions is None
+        assert requests["clip_l"].source == (library[choice] if choice else None)
+    if "clip_g" in requests:
+        assert requests["clip_g"].positions == g_positions
+        assert requests["clip_g"].source is None
+
+
+def test_adapter_apply_long_clip_on_sdxl_and_back(library: dict[str, EncoderSource]) -> None:
+    model = sdxl()
+    before_l, before_g = bits(model.towers["clip_l"]), bits(model.towers["clip_g"])
+    g_table = model.towers["clip_g"].positional_embedding.detach().clone()
+    adapter = TinyAdapter(model, SwapEngine())
+    adapter.resolver = resolver(library)
+
+    assert sorted(adapter.apply(sel(clip_l="long"))) == ["clip_g", "clip_l"]
+    assert adapter.swapped == [["clip_l", "clip_g"]]
+    assert text_transformer(model.towers["clip_l"]).embeddings.position_embedding.weight.shape[0] == 248
+    assert torch.equal(model.towers["clip_g"].positional_embedding, stretch_positions(g_table))
+    assert model.towers["clip_g"].attn_mask.shape == (248, 248)
+    status = adapter.status()
+    assert {n: s["positions"] for n, s in status["slots"].items()} == {"clip_l": 248, "clip_g": 248}
+
+    assert sorted(adapter.apply(Selection())) == ["clip_g", "clip_l"]
+    assert_bits(model.towers["clip_l"], before_l)
+    assert_bits(model.towers["clip_g"], before_g)
+    assert adapter.apply(Selection()) == []
+    assert len(adapter.swapped) == 2  # no bookkeeping for a no-op
+
+
+def test_adapter_apply_is_atomic_across_slots(library: dict[str, EncoderSource]) -> None:
+    model = sdxl()
+    before_l, before_g = bits(model.towers["clip_l"]), bits(model.towers["clip_g"])
+    adapter = TinyAdapter(model, SwapEngine())
+    adapter.resolver = resolver(library)
+    for selection in (sel(clip_l="plain", clip_g="bad-g"), sel(clip_l="plain", clip_g="missing")):
+        with pytest.raises(TESwitchError) as err:
+            adapter.apply(selection)
+        one_line_error(err.value)
+        assert_bits(model.towers["clip_l"], before_l)
+        assert_bits(model.towers["clip_g"], before_g)
+    assert adapter.requested is None
+    assert adapter.swapped == []
+    assert adapter.engine.epoch == 0
+
+
+def test_adapter_apply_without_model_or_resolver(library: dict[str, EncoderSource]) -> None:
+    adapter = TinyAdapter(None, SwapEngine())
+    assert adapter.apply(sel(clip_l="plain")) == []
+    adapter.model = sdxl()
+    with pytest.raises(RuntimeError, match="resolver"):
+        adapter.apply(sel(clip_l="plain"))
+    assert adapter.apply(sel(clip_l="plain"), resolver(library)) == ["clip_l"]
+
+
+def test_reapply_puts_the_request_onto_fresh_modules(library: dict[str, EncoderSource]) -> None:
+    adapter = TinyAdapter(sdxl(), SwapEngine())
+    assert adapter.reapply() == []  # nothing requested yet
+    adapter.resolver = resolver(library)
+    selection = sel(clip_l="plain", clip_g="g")
+    adapter.apply(selection)
+    assert adapter.requested == selection
+    swapped = hf_weights(adapter.model.towers["clip_l"])
+
+    adapter.model = sdxl()  # the host reloaded the checkpoint: new module objects, built-in weights
+    fresh_before = bits(adapter.model.towers["clip_l"])
+    assert sorted(adapter.reapply()) == ["clip_g", "clip_l"]
+    assert_same(hf_weights(adapter.model.towers["clip_l"]), swapped)
+    assert adapter.swapped[-1] == ["clip_l", "clip_g"]
+    adapter.apply(Selection())
+    assert_bits(adapter.model.towers["clip_l"], fresh_before)
+
+
+def test_reapply_after_an_in_place_reload_needs_forget(library: dict[str, EncoderSource]) -> None:
+    """A host that reloads weights into the same modules must forget() them; then reapply works."""
+    adapter = TinyAdapter(sdxl(), SwapEngine())
+    adapter.resolver = resolver(library)
+    adapter.apply(sel(clip_l="plain"))
+    swapped = hf_weights(adapter.model.towers["clip_l"])
+    tower = adapter.model.towers["clip_l"]
+    tower.load_state_dict(hf_clip(10).state_dict())  # the host's reload
+    adapter.engine.forget(tower)
+    assert adapter.reapply() == ["clip_l"]
+    assert_same(hf_weights(tower), swapped)
+
+
+@pytest.mark.parametrize(
+    ("family", "selection", "line"),
+    [
+        ("sd1", Selection(), "SD1 · CLIP-L layer 12/12 · native"),
+        ("sd1", Selection(clip_skip=2), "SD1 · CLIP-L layer 11/12"),
+        ("sd1", Selection(clip_skip=1), "SD1 · CLIP-L layer 12/12 · native"),
+        ("sd2", Selection(), "SD2 · CLIP-H layer 23/24 · native"),
+        ("sd2", Selection(clip_skip=12), "SD2 · CLIP-H layer 13/24"),
+        ("sdxl", Selection(), "SDXL · CLIP-L layer 11/12 · CLIP-G layer 31/32 · native"),
+        ("sdxl", Selection(clip_skip=1), "SDXL · CLIP-L layer 12/12 · CLIP-G layer 32/32"),
+        ("sdxl", Selection(clip_skip=3, scope="clip_l"), "SDXL · CLIP-L layer 10/12 · CLIP-G layer 31/32"),
+        ("sdxl", Selection(clip_skip=3, scope="clip_g"), "SDXL · CLIP-L layer 11/12 · CLIP-G layer 30/32"),
+        ("sdxl", Selection(clip_skip=2, scope="clip_g"), "SDXL · CLIP-L layer 11/12 · CLIP-G layer 31/32 · native"),
+        ("sdxl-refiner", Selection(), "SDXL refiner · CLIP-G layer 31/32 · native"),
+        ("sd3", Selection(clip_skip=12), "SD3 · CLIP-L layer 1/12 · CLIP-G layer 21/32"),
+        ("flux", Selection(clip_skip=2), "Flux uses only CLIP-L's pooled output: clip skip has no effect"),
+        ("flux", Selection(), "Flux uses only CLIP-L's pooled output: clip skip has no effect"),
+    ],
+)
+def test_describe_lines(family: str, selection: Selection, line: str) -> None:
+    adapter = TinyAdapter(FakeModel(family, {}), SwapEngine())
+    assert adapter.describe(selection) == line
+
+
+def test_describe_note_auto_plans_and_no_model() -> None:
+    adapter = TinyAdapter(None, SwapEngine())
+    assert adapter.describe(Selection()).startswith("No model loaded yet")
+    assert adapter.plans(Selection()) == []
+    assert adapter.slot_names() == ()
+    adapter.model = FakeModel("sd2", {})
+    adapter.note = "this host's copy has 23 layers"
+    assert (
+        adapter.describe(Selection(clip_skip=2)) == "SD2 · CLIP-H layer 23/24 · native · this host's copy has 23 layers"
+    )
+    # Auto asks the host what it does natively (a host may differ from DESIGN's natives)
+    adapter.auto = [TowerPlan("clip_h", 1, 24, True, True)]
+    adapter.note = None
+    assert adapter.describe(Selection()) == "SD2 · CLIP-H layer 24/24 · native"
+    assert adapter.plans(Selection(clip_skip=3))[0].skip == 3
+    assert adapter.slot_names() == ("clip_h",)
+
+
+def test_status_reports_each_slot(library: dict[str, EncoderSource]) -> None:
+    adapter = TinyAdapter(None, SwapEngine())
+    assert adapter.status() == {"host": "tiny", "family": None, "slots": {}, "epoch": 0}
+    adapter.model = sdxl()
+    adapter.resolver = resolver(library)
+    adapter.apply(Selection(slots={"clip_l": SlotChoice("plain", "fp16")}))
+    status = adapter.status()
+    assert status == {
+        "host": "tiny",
+        "family": "sdxl",
+        "epoch": adapter.engine.epoch,
+        "slots": {
+            "clip_l": {"label": "CLIP-L", "encoder": "plain", "hash": "0123456789", "kind": "clip-l",
+                       "precision": "fp16", "positions": 77},
+            "clip_g": {"label": "CLIP-G", "encoder": "Built-in", "hash": None, "kind": None, "precision": "auto",
+                       "positions": 77},
+        },
+    }  # fmt: skip
+    assert adapter.engine.epoch > 0
+
+
+def test_cond_signature_follows_epoch_and_active_selection(library: dict[str, EncoderSource]) -> None:
+    adapter = TinyAdapter(sdxl(), SwapEngine())
+    adapter.resolver = resolver(library)
+    first = adapter.cond_signature()
+    adapter.begin(Selection(clip_skip=2))
+    second = adapter.cond_signature()
+    assert second != first
+    adapter.apply(sel(clip_l="plain"))
+    assert adapter.cond_signature() != second
+    adapter.end()
+    assert adapter.active is None
