@@ -194,6 +194,18 @@ class EncoderLibrary:
 
     # -- hashes -----------------------------------------------------------------------------
 
+    def cached_short_hash(self, path: str) -> str | None:
+        """The short hash if already known for the file as it is now (never hashes)."""
+        with self._lock:
+            try:
+                size, mtime = file_identity(path)
+            except OSError:
+                return None
+            entry = self._cache.get(path) or {}
+            if entry.get("size") == size and entry.get("mtime") == mtime and "sha256" in entry:
+                return str(entry["sha256"])[:SHORT_HASH_LEN]
+            return None
+
     def short_hash(self, path: str) -> str:
         with self._lock:
             size, mtime = file_identity(path)

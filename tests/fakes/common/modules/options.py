@@ -129,6 +129,19 @@ class Options:
                 return False
         return True
 
+    def save(self, filename):
+        import json
+
+        with open(filename, "w", encoding="utf8") as file:
+            json.dump(self.data, file, indent=4, ensure_ascii=False)
+
+    def same_type(self, x, y):
+        if x is None or y is None:
+            return True
+        type_x = self.typemap.get(type(x), type(x))
+        type_y = self.typemap.get(type(y), type(y))
+        return type_x == type_y
+
     def get_default(self, key):
         info = self.data_labels.get(key)
         return None if info is None else info.default

@@ -89,3 +89,50 @@ class Script:
 
     def before_hr(self, p, *args):
         pass
+
+
+def _report(message):
+    from modules import errors
+
+    errors.report(message, exc_info=True)
+
+
+class ScriptRunner:
+    """The subset of modules/scripts.py ScriptRunner a generation uses: each hook gets
+    ``p.script_args[args_from:args_to]`` and exceptions are reported, never raised."""
+
+    def __init__(self):
+        self.scripts = []
+        self.alwayson_scripts = []
+        self.inputs = [None]
+
+    def add(self, script, n_args):
+        script.alwayson = True
+        script.args_from = len(self.inputs)
+        self.inputs += [None] * n_args
+        script.args_to = len(self.inputs)
+        self.scripts.append(script)
+        self.alwayson_scripts.append(script)
+
+    def _each(self, name, p, *extra, **kwargs):
+        for script in self.alwayson_scripts:
+            try:
+                args = p.script_args[script.args_from : script.args_to]
+                getattr(script, name)(p, *extra, *args, **kwargs)
+            except Exception:
+                _report(f"Error running {name}: {script.filename}")
+
+    def before_process(self, p):
+        self._each("before_process", p)
+
+    def process(self, p):
+        self._each("process", p)
+
+    def before_process_batch(self, p, **kwargs):
+        self._each("before_process_batch", p, **kwargs)
+
+    def process_batch(self, p, **kwargs):
+        self._each("process_batch", p, **kwargs)
+
+    def postprocess(self, p, processed):
+        self._each("postprocess", p, processed)

@@ -4,6 +4,8 @@ Built-in options are the ones the extension reads or writes, with their real def
 infotext names; ``options_templates`` is where extensions register at import time.
 """
 
+import os
+
 from modules import options, shared_cmd_options
 from modules.paths_internal import data_path, models_path, script_path  # noqa: F401
 
@@ -13,6 +15,7 @@ options_section = options.options_section
 
 cmd_opts = shared_cmd_options.cmd_opts
 parser = shared_cmd_options.parser
+config_filename = os.path.join(data_path, "config.json")  # real: cmd_opts.ui_settings_file
 
 options_templates: dict = {}
 options_templates.update(
@@ -52,13 +55,26 @@ demo = None
 
 class _State:
     job = ""
+    time_start = None
     interrupted = False
+    skipped = False
+    stopping_generation = False
+    job_count = 0
 
     def begin(self, job="(unknown)"):
+        import time
+
         self.job = job
+        self.time_start = time.time()
+        self.interrupted = False  # real State.begin resets the flags of the previous job
+        self.skipped = False
+        self.stopping_generation = False
 
     def end(self):
         self.job = ""
+
+    def interrupt(self):
+        self.interrupted = True
 
 
 state = _State()

@@ -11,6 +11,7 @@ cmd_opts = argparse.Namespace(
     nowebui=False,
     api=True,
     skip_install=False,
+    api_auth=None,
     te_switch_dir=[],
     te_switch_precision=None,
     no_half=False,

@@ -1,0 +1,155 @@
+"""The extension's settings ("CLIP Skip & Text Encoders" under Stable Diffusion).
+
+Registered at import time (``options_templates`` + ``opts.add_option``), not in
+``on_ui_settings``, so they exist with ``--nowebui``, answer ``/sdapi/v1/options`` and take
+``override_settings``; ``add_option`` puts the defaults into ``opts.data`` so an override is
+restored after the generation (``process_images`` only restores keys present in ``opts.data``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from te_switch.core.selection import ALL_SLOTS, BUILT_IN, CLIP_SKIP_MAX, SLOT_LABELS, Selection
+from te_switch.webui import library
+from te_switch.webui.args import (
+    AUTO,
+    PRECISION_CHOICES,
+    SCOPE_CHOICES,
+    selection_from_dict,
+)
+
+log = logging.getLogger(__name__)
+
+SECTION = ("te_switch", "CLIP Skip & Text Encoders", "sd")
+CLIP_SKIP = "te_switch_clip_skip"
+SCOPE = "te_switch_scope"
+TAB_FROM_GLOBAL = "te_switch_tab_from_global"
+QUICKSETTINGS = "te_switch_quicksettings"
+PER_CHECKPOINT = "te_switch_per_checkpoint"
+EXTRA_DIRS = "te_switch_extra_dirs"
+CLIP_SKIP_CHOICES = (AUTO, *(str(n) for n in range(1, CLIP_SKIP_MAX + 1)))
+# A1111 names the quicksettings list `quicksettings_list`; Forge 2 renamed it `quick_setting_list`
+QUICKSETTINGS_LISTS = ("quick_setting_list", "quicksettings_list")
+
+
+def encoder_key(slot: str) -> str:
+    return f"te_switch_encoder_{slot}"
+
+
+def precision_key(slot: str) -> str:
+    return f"te_switch_precision_{slot}"
+
+
+def all_keys() -> tuple[str, ...]:
+    per_slot = tuple(k for slot in ALL_SLOTS for k in (encoder_key(slot), precision_key(slot)))
+    return (CLIP_SKIP, SCOPE, TAB_FROM_GLOBAL, QUICKSETTINGS, *per_slot, PER_CHECKPOINT, EXTRA_DIRS)
+
+
+def _shared() -> Any:
+    from modules import shared
+
+    return shared
+
+
+def quicksettings_list_key(opts: Any) -> str:
+    return next((k for k in QUICKSETTINGS_LISTS if k in opts.data_labels), QUICKSETTINGS_LISTS[-1])
+
+
+def toggle_quicksettings() -> None:
+    """Put our CLIP Skip control into the quicksettings bar (or take it out), and save."""
+    shared = _shared()
+    opts = shared.opts
+    key = quicksettings_list_key(opts)
+    current = list(getattr(opts, key, None) or [])
+    wanted = bool(getattr(opts, QUICKSETTINGS, False))
+    if wanted == (CLIP_SKIP in current):
+        return
+    updated = [*current, CLIP_SKIP] if wanted else [k for k in current if k != CLIP_SKIP]
+    opts.set(key, updated)
+    config = getattr(shared, "config_filename", None)
+    if config:
+        opts.save(config)
+
+
+def _rescan_folders() -> None:
+    library.reset()
+    library.refresh()
+
+
+def _encoder_args(slot: str) -> Any:
+    def args() -> dict[str, Any]:
+        try:
+            labels = library.labels_for(slot)
+        except Exception as e:  # a broken folder must not break the settings page
+            log.warning("TE Switch: cannot list %s encoders: %s", SLOT_LABELS[slot], e)
+            labels = []
+        return {"choices": [BUILT_IN, *labels]}
+
+    return args
+
+
+def templates() -> dict[str, Any]:
+    """Our OptionInfos (gradio is imported here: only a WebUI calls this)."""
+    import gradio as gr
+
+    shared = _shared()
+    info = shared.OptionInfo
+    items: dict[str, Any] = {
+        CLIP_SKIP: info(AUTO, "CLIP Skip", gr.Dropdown, {"choices": list(CLIP_SKIP_CHOICES)}).info(
+            "used when a tab's CLIP Skip is on Auto; Auto = the model's own layer. Works on SD1, SD2, SDXL, SD3"
+        ),
+        SCOPE: info("both", "CLIP Skip applies to (SDXL, SD3)", gr.Radio, {"choices": list(SCOPE_CHOICES)}),
+        TAB_FROM_GLOBAL: info(True, "Tab slider starts from the global value").info(
+            "while a tab is on Auto its slider rests on this setting's layer (else on the model's native one)"
+        ),
+        QUICKSETTINGS: info(False, "Show CLIP Skip in the quicksettings bar", onchange=toggle_quicksettings)
+        .info("adds te_switch_clip_skip to the quicksettings list")
+        .needs_reload_ui(),
+    }
+    for slot in ALL_SLOTS:
+        label = SLOT_LABELS[slot]
+        items[encoder_key(slot)] = info(
+            BUILT_IN, f"Default {label} encoder", gr.Dropdown, _encoder_args(slot), refresh=library.refresh
+        ).info("used when a tab says Built-in")
+        items[precision_key(slot)] = info(
+            AUTO, f"{label} precision", gr.Dropdown, {"choices": list(PRECISION_CHOICES)}
+        ).info("Auto = the WebUI's dtype")
+    items[PER_CHECKPOINT] = info(False, "Remember the panel per checkpoint").info(
+        "the tab panel comes back with the last choices used with the loaded checkpoint"
+    )
+    items[EXTRA_DIRS] = info("", "Extra encoder folders", gr.Textbox, {"lines": 2}, onchange=_rescan_folders).info(
+        "one per line; models/CLIP, models/text_encoder(s) and --te-switch-dir are always scanned"
+    )
+    return shared.options_section(SECTION, items)
+
+
+def register() -> None:
+    """Add the options to the WebUI (idempotent) and keep the quicksettings checkbox truthful."""
+    shared = _shared()
+    items = templates()
+    if shared.options_templates is not None:
+        shared.options_templates.update(items)
+    opts = shared.opts
+    if opts is None:
+        return
+    for key, item in items.items():
+        opts.add_option(key, item)
+    in_bar = CLIP_SKIP in (getattr(opts, quicksettings_list_key(opts), None) or [])
+    if bool(opts.data.get(QUICKSETTINGS)) != in_bar:
+        opts.data[QUICKSETTINGS] = in_bar  # someone edited the list by hand: reflect it
+
+
+def global_selection(opts: Any = None) -> Selection:
+    """The options as a Selection (the level under the tab panel); bad values raise ArgsError."""
+    if opts is None:
+        opts = _shared().opts
+    values: dict[str, Any] = {
+        "clip_skip": getattr(opts, CLIP_SKIP, AUTO),
+        "scope": getattr(opts, SCOPE, "both"),
+    }
+    for slot in ALL_SLOTS:
+        values[slot] = getattr(opts, encoder_key(slot), BUILT_IN)
+        values[f"{slot}_precision"] = getattr(opts, precision_key(slot), AUTO)
+    return selection_from_dict(values)
