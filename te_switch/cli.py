@@ -1,4 +1,4 @@
-"""``python -m te_switch``: inspect and convert encoder files without a WebUI."""
+"""``python -m te_switch``: inspect and convert encoder files, compare encoders and run a local page without a WebUI."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from te_switch.core.detect import TowerInfo, detect, inspect_path
 from te_switch.core.errors import TESwitchError, one_line
@@ -137,6 +137,46 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _standalone(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a diffusers-side command: offline, quiet libraries, user errors as one line."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    try:
+        return run(args)
+    except (TESwitchError, ValueError, OSError) as e:
+        print(f"error: {one_line(e) if isinstance(e, TESwitchError) else e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from te_switch import compare
+
+    return _standalone(compare.main, args)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from te_switch import localui
+
+    return _standalone(localui.main, args)
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        help="a diffusers model folder or a single-file checkpoint (SD1.x as is; others with --config) (default: the demo)",
+    )
+    p.add_argument(
+        "--config", help="for a single-file --model other than SD1.x: a local diffusers folder of the same architecture"
+    )
+    p.add_argument(
+        "--encoders-dir", action="append", metavar="DIR", help="a folder of encoder files to offer (repeatable)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m te_switch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +194,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="cast on write (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (never the input)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "compare",
+        help="render a labelled grid: encoders x clip skip (x seeds) on a diffusers model (default: the demo)",
+    )
+    _model_arguments(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument(
+        "--encoders",
+        help="comma-separated: Built-in, encoder file names or paths (default: Built-in + every fitting file)",
+    )
+    p.add_argument("--clip-skip", default="auto,1,2", help="comma-separated: Auto or 1-12 (default: auto,1,2)")
+    p.add_argument("--seeds", default="1", help="comma-separated seeds (default: 1)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: 20; 10 on the demo)")
+    p.add_argument("--size", type=int, help="image side in pixels (default: the model's)")
+    p.add_argument("--guidance", type=float, help="CFG scale (default: 7; Flux 3.5)")
+    p.add_argument("--out", default="te_switch_compare.png", help="the grid PNG to write")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "ui", help="a local Gradio page with the TE Switch panel on a diffusers model (default: the demo)"
+    )
+    _model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=7870, help="port (default: 7870; 0 = any free port)")
+    p.set_defaults(func=cmd_ui)
     return parser
 
 

@@ -784,13 +784,14 @@ def test_compressed_t5_stays_packed_at_auto_and_encodes_like_dense(tmp_path: Pat
     for got, want in zip(t5_encode(model, ids), t5_encode(oracle, ids), strict=True):
         assert torch.equal(got, want)
 
-    # the same file at fp16 is expanded: nothing stays packed
+    # the same file at fp16 is expanded: nothing stays packed; T5's `wo` stays fp32 (fp16 overflows there)
     engine.apply([req(slot, src, "fp16")])
     assert _packed_modules(model) == set()
     for key, value in model.state_dict().items():
         want_key = "shared.weight" if key == "encoder.embed_tokens.weight" else key
-        assert value.dtype == torch.float16, key
-        assert torch.equal(value, dense[want_key].half()), key
+        want_dtype = torch.float32 if key.endswith("DenseReluDense.wo.weight") else torch.float16
+        assert value.dtype == want_dtype, key
+        assert torch.equal(value, dense[want_key].to(want_dtype)), key
 
     engine.apply([req(slot, src)])  # packed again, then back to Built-in
     assert _packed_modules(model)

@@ -54,6 +54,8 @@ class LiveSlot:
     # 'linear' / 'embedding' for layers that can keep a compressed weight and expand it per forward;
     # None = the default (torch Linear/Embedding). Hosts with their own layer classes say which qualify.
     pack_kind: Callable[[torch.nn.Module], str | None] | None = None
+    # live keys that stay fp32 when fp16 is asked for (T5's feed-forward output overflows fp16)
+    keep_fp32: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if not self.kinds:
@@ -76,10 +78,11 @@ class LiveSlot:
         return out
 
     def positions(self) -> int | None:
-        live = self.live_tensors()
         for key in self.position_keys:
-            if key in live:
-                return int(live[key].shape[0])
+            owner = _owner(self.module, key)
+            tensor = getattr(owner, key.rsplit(".", 1)[-1], None) if owner is not None else None
+            if isinstance(tensor, torch.Tensor):
+                return int(tensor.shape[0])
         return None
 
 
@@ -346,8 +349,9 @@ class SwapEngine:
         with torch.no_grad():
             if dtype is not None:
                 for key, tensor in live.items():
-                    if tensor.is_floating_point() and tensor.dtype != dtype and key not in slot.derived:
-                        tensor.data = tensor.data.to(dtype)
+                    want = torch.float32 if dtype == torch.float16 and key in slot.keep_fp32 else dtype
+                    if tensor.is_floating_point() and tensor.dtype != want and key not in slot.derived:
+                        tensor.data = tensor.data.to(want)
             elif mem.original:
                 # back to the checkpoint's dtypes (an earlier swap may have changed them)
                 for key, tensor in live.items():

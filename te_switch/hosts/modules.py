@@ -109,7 +109,9 @@ def t5_slot(name: str, model: torch.nn.Module, *, kinds: tuple[str, ...] = (), l
                 out["encoder.embed_tokens.weight"] = shared
         return out
 
-    return LiveSlot(name, model, to_host, kinds=kinds, label=label)
+    # transformers keeps T5's `wo` in fp32 (`_keep_in_fp32_modules`): its activations overflow fp16
+    keep_fp32 = frozenset(k for k in live_keys if k.endswith("DenseReluDense.wo.weight"))
+    return LiveSlot(name, model, to_host, kinds=kinds, label=label, keep_fp32=keep_fp32)
 
 
 def openclip_slot(

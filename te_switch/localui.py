@@ -1,0 +1,275 @@
+"""``python -m te_switch ui``: a local Gradio page with the WebUI's own TE Switch panel, on diffusers.
+
+The page reuses :func:`te_switch.webui.ui.build_panel` (the accordion the WebUIs show) with a
+:class:`PanelBackend` wired to a :class:`DiffusersAdapter`, and adds what a WebUI would: a prompt
+with a token counter that knows Long-CLIP (``N/75`` or ``N/246``), Generate, the image with its
+infotext, and the ``inspect`` table of the encoder library. It listens on 127.0.0.1 unless told
+otherwise; nothing is downloaded (Gradio's analytics are off).
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import sys
+import threading
+from typing import Any
+
+from te_switch.compare import Model, open_model
+from te_switch.core.clip_skip import NATIVE_SKIP, clip_towers
+from te_switch.core.detect import TowerInfo
+from te_switch.core.errors import TESwitchError, one_line
+from te_switch.core.longclip import chunk_length
+from te_switch.core.selection import KINDS_BY_SLOT, Selection
+from te_switch.webui.args import ArgsError, selection_from_args
+from te_switch.webui.ui import PanelBackend, build_panel
+
+ELEM_PREFIX = "te_switch_"
+# the WebUIs style the panel's tool button small; a bare Gradio page needs telling
+CSS = ".te-switch-refresh { max-width: 3.5em !important; min-width: 3.5em !important; } .te-switch-over { color: #c0392b; }"
+INSPECT_HEAD = ["file", "tower", "kind", "layout", "layers", "pos", "dtypes", "params", "quant", "notes"]
+
+
+KIND_WORDS = {
+    "clip-l": "CLIP-L",
+    "long-clip-l": "Long-CLIP-L",
+    "clip-g": "CLIP-G",
+    "clip-h": "CLIP-H",
+    "t5-xxl": "T5-XXL",
+}
+
+
+def elem_id(item: str) -> str:
+    return ELEM_PREFIX + item
+
+
+def describe_tower(tower: TowerInfo) -> str:
+    """The dropdown's decoration, as the WebUI panel writes it ('Long-CLIP-L · 248 · fp8'): the panel's
+    ``args.strip_decoration`` takes it off again."""
+    parts = [KIND_WORDS.get(tower.kind or "", tower.kind or "?")]
+    if tower.positions and tower.positions != 77:
+        parts.append(str(tower.positions))
+    if tower.quant:
+        parts.append({"scaled-fp8": "scaled fp8", "gguf": "GGUF"}.get(tower.quant, tower.quant))
+    if tower.prefix:
+        parts.append("from checkpoint")
+    return " · ".join(parts)
+
+
+class LocalBackend:
+    """The panel's view of the local model: the adapter for layers and slots, the library for files."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.adapter = model.adapter
+        self.error = ""
+        self.lock = threading.Lock()  # one generation at a time: the pipeline is shared
+
+    def family(self) -> str | None:
+        return self.adapter.family(self.adapter.pipe)
+
+    def choices(self, slot: str) -> list[str]:
+        library = self.model.library
+        if library is None:
+            return []
+        return [c.label for c in library.choices(KINDS_BY_SLOT[slot])]
+
+    def choice_label(self, label: str) -> str:
+        library = self.model.library
+        choice = library.find(label) if library is not None else None
+        return f"{label} ({describe_tower(choice.tower)})" if choice else label
+
+    def refresh(self) -> None:
+        if self.model.library is not None:
+            self.model.library.scan()
+
+    def resting_clip_skip(self) -> int:
+        family = self.family()
+        towers = clip_towers(family) if family else ()
+        return NATIVE_SKIP[family][towers[0]] if family and towers else 1
+
+    def status(self) -> tuple[str, bool]:
+        return (self.error, True) if self.error else ("", False)
+
+    def hint(self, selection: Selection) -> str:
+        budget = self.chunk_for(selection)
+        return f"Long-CLIP-L: prompts are read in one chunk of {budget} tokens" if budget > 75 else ""
+
+    def chunk_for(self, selection: Selection) -> int:
+        """Tokens one chunk of the CLIP-L slot reads with ``selection``: 246 for a Long-CLIP-L, else 75."""
+        wanted = selection.slot("clip_l").encoder
+        library = self.model.library
+        if wanted and library is not None and (choice := library.find(wanted)) is not None:
+            return chunk_length(choice.tower.positions or 77)
+        pipe = self.adapter.pipe
+        slot = self.adapter.slots(pipe).get("clip_l")
+        if wanted is None and slot is not None and self.adapter.engine.applied(slot) is not None:
+            return chunk_length(77)  # Built-in comes back with the checkpoint's own 77 positions
+        return self.adapter.token_budget("")[1] or chunk_length(77)
+
+    def backend(self) -> PanelBackend:
+        return PanelBackend(
+            describe=self.adapter.describe,
+            slot_names=self.adapter.slot_names,
+            family=self.family,
+            choices=self.choices,
+            refresh=self.refresh,
+            defaults=Selection,
+            choice_label=self.choice_label,
+            status=self.status,
+            hint=self.hint,
+            resting_clip_skip=self.resting_clip_skip,
+            model_key=lambda: self.model.name,
+        )
+
+    # -- the page's own events ------------------------------------------------------------------
+
+    def token_counter(self, prompt: str, *panel_values: Any) -> str:
+        try:
+            selection = selection_from_args(panel_values)
+        except (ArgsError, ValueError):
+            selection = Selection()
+        count = self.adapter.token_budget(prompt or "")[0]
+        budget = self.chunk_for(selection)
+        css = "te-switch-tokens te-switch-over" if count > budget else "te-switch-tokens"
+        return f"<span class='{css}'>{count}/{budget}</span>"
+
+    def generate(
+        self, prompt: str, negative: str, seed: float, steps: float, size: float, guidance: float, *panel_values: Any
+    ) -> tuple[Any, str, str]:
+        try:
+            selection = selection_from_args(panel_values)
+            with self.lock:
+                result = self.adapter.generate(
+                    selection, prompt or "", negative or "", seed=int(seed), steps=int(steps), size=int(size),
+                    guidance=float(guidance),
+                )  # fmt: skip
+        except (TESwitchError, ArgsError, ValueError) as e:
+            self.error = one_line(e)
+            return None, "", f"error: {self.error}"
+        self.error = ""
+        t = result.timings
+        line = f"swap {t['swap']:.3f} s · encode {t['encode']:.3f} s · generate {t['generate']:.2f} s"
+        if result.warnings:
+            line += " · " + "; ".join(result.warnings)
+        return result.image, result.infotext, line
+
+    def inspect_rows(self) -> list[list[str]]:
+        from te_switch.cli import _row
+
+        library = self.model.library
+        if library is None:
+            return []
+        rows = []
+        for file in library.files:
+            for tower in file.towers:
+                row = _row(tower)
+                row[0] = file.name
+                rows.append([row[0], row[1], row[2], row[3], row[4], row[5], row[7], row[8], row[9], row[10]])
+        return rows
+
+
+def build_page(model: Model, gr: Any = None) -> Any:
+    """The page as a ``gr.Blocks`` (not launched)."""
+    if gr is None:
+        import gradio as gr
+    local = LocalBackend(model)
+    adapter = model.adapter
+    family = adapter.family(adapter.pipe) or "unknown"
+    side = _default_size(adapter)
+    with gr.Blocks(title="TE Switch", **_blocks_css(gr)) as page:
+        gr.Markdown(f"## TE Switch · {html.escape(model.name)} ({family.upper()}, diffusers)")
+        if model.note:
+            gr.Markdown(f"**{html.escape(model.note)}**", elem_id=elem_id("demo_note"))
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="Prompt", lines=3, elem_id=elem_id("prompt"))
+                tokens = gr.HTML(value="<span class='te-switch-tokens'>0/75</span>", elem_id=elem_id("token_counter"))
+                negative = gr.Textbox(label="Negative prompt", lines=2, elem_id=elem_id("negative"))
+                with gr.Row():
+                    seed = gr.Number(value=1, precision=0, label="Seed", elem_id=elem_id("seed"))
+                    steps = gr.Slider(
+                        1, 100, value=_default_steps(model), step=1, label="Steps", elem_id=elem_id("steps")
+                    )
+                with gr.Row():
+                    size = gr.Slider(64, 2048, value=side, step=64, label="Size", elem_id=elem_id("size"))
+                    guidance = gr.Slider(1, 20, value=7.0, step=0.5, label="CFG scale", elem_id=elem_id("guidance"))
+                panel = build_panel(local.backend(), elem_id=elem_id, gr_module=gr)
+                panel.accordion.open = True  # in a WebUI it folds away; here it is the point of the page
+                generate = gr.Button("Generate", variant="primary", elem_id=elem_id("generate"))
+            with gr.Column(scale=2):
+                image = gr.Image(label="Image", type="pil", interactive=False, elem_id=elem_id("image"))
+                infotext = gr.Textbox(label="Infotext", lines=4, interactive=False, elem_id=elem_id("infotext"))
+                timing = gr.Markdown(elem_id=elem_id("timing"))
+        with gr.Accordion("Encoder library (inspect)", open=False, elem_id=elem_id("library")):
+            folders = ", ".join(model.library.folders) if model.library else "none: pass --encoders-dir DIR"
+            gr.Markdown(f"Folders: {html.escape(folders)}")
+            table = gr.Dataframe(
+                headers=INSPECT_HEAD, value=local.inspect_rows() or None, interactive=False, elem_id=elem_id("inspect")
+            )
+            rescan = gr.Button("Rescan", elem_id=elem_id("rescan"))
+
+        panel_inputs = panel.inputs()
+        for event in (prompt.change, panel.encoders["clip_l"].change):
+            event(fn=local.token_counter, inputs=[prompt, *panel_inputs], outputs=[tokens])
+        generate.click(
+            fn=local.generate,
+            inputs=[prompt, negative, seed, steps, size, guidance, *panel_inputs],
+            outputs=[image, infotext, timing],
+        )
+        rescan.click(fn=lambda: (local.refresh(), local.inspect_rows())[1], inputs=[], outputs=[table])
+    return page
+
+
+def _blocks_css(gr: Any) -> dict[str, str]:
+    """Gradio 4 takes ``css`` in ``Blocks``; 6 moved it to ``launch``."""
+    import inspect
+
+    return {"css": CSS} if "css" in inspect.signature(gr.Blocks.__init__).parameters else {}
+
+
+def _launch_css(gr: Any) -> dict[str, str]:
+    import inspect
+
+    return {"css": CSS} if "css" in inspect.signature(gr.Blocks.launch).parameters and not _blocks_css(gr) else {}
+
+
+def _default_size(adapter: Any) -> int:
+    from te_switch.hosts.diffusers import _size
+
+    try:
+        return _size(adapter.pipe, None)[0]
+    except (AttributeError, TypeError):
+        return 512
+
+
+def _default_steps(model: Model) -> int:
+    from te_switch.demo import DEMO_STEPS
+
+    return DEMO_STEPS if model.is_demo else 20
+
+
+def main(args: Any) -> int:
+    """The ``ui`` subcommand."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local page
+    import gradio as gr
+
+    model = open_model(args.model, args.config, args.encoders_dir or [])
+    page = build_page(model, gr)
+    port = args.port or free_port(args.host)
+    print(f"TE Switch page for {model.name}: http://{args.host}:{port}", file=sys.stderr, flush=True)
+    if model.is_demo:
+        print(f"note: {model.note}", file=sys.stderr, flush=True)
+    page.queue().launch(
+        server_name=args.host, server_port=port, show_error=True, inbrowser=False, quiet=True, **_launch_css(gr)
+    )
+    return 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (``--port 0``)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
