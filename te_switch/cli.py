@@ -200,7 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="render a labelled grid: encoders x clip skip (x seeds) on a diffusers model (default: the demo)",
     )
     _model_arguments(p)
-    p.add_argument("--prompt", required=True)
+    p.add_argument(
+        "--prompt",
+        default="a lighthouse on a cliff at dusk, oil painting, highly detailed",
+        help="the prompt every cell renders (default: %(default)r)",
+    )
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument(
         "--encoders",

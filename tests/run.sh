@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The whole test suite from a fresh machine: install what the tests need, run them on this Python's
+# stack, then again on the two WebUI stacks in virtual environments that reuse this Python's torch:
+#   a1111: Gradio 3.41.2, transformers 4.30.2, FastAPI 0.94, pydantic 1 (A1111 1.10 pins)
+#   forge: Gradio 4.40.0, transformers 4.46.1, FastAPI 0.104, pydantic 2 (Forge 2 pins)
+# TE_SWITCH_STACKS=0 skips the two stack runs. Extra arguments go to the first pytest run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pip_q() { python -m pip install -q --disable-pip-version-check "$@"; }
+
+# torch first, or a dependency pulls the newest CUDA build (gigabytes)
+python -c "import torch" 2>/dev/null || pip_q torch==2.13.0
+pip_q -e ".[standalone,test]"
+pip_q --no-deps open_clip_torch==3.3.0  # only for CLIP's BPE vocabulary (its torchvision is not needed)
+
+python -m pytest -q "$@"
+
+[ "${TE_SWITCH_STACKS:-1}" = "0" ] && exit 0
+STACK_TESTS="tests/test_webui_ui.py tests/test_webui_script.py tests/test_webui_api.py tests/test_webui_infotext.py
+  tests/test_engine.py tests/test_hf_modules.py tests/test_clip_skip.py"
+declare -A PINS=(
+  [a1111]="gradio==3.41.2 transformers==4.30.2 fastapi==0.94.0 pydantic<2 numpy<2 huggingface_hub<0.26 httpx==0.24.1"
+  [forge]="gradio==4.40.0 transformers==4.46.1 fastapi==0.104.1 pydantic==2.8.2 numpy<2 huggingface_hub<0.26 httpx==0.24.1"
+)
+declare -A HOST_TESTS=(
+  [a1111]="tests/test_a1111_adapter.py"
+  [forge]="tests/test_forge_adapter.py tests/test_forge_fakes.py"
+)
+for stack in a1111 forge; do
+  venv=".cache/stacks/$stack"
+  [ -x "$venv/bin/python" ] || python -m venv --system-site-packages "$venv"
+  # shellcheck disable=SC2086
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check ${PINS[$stack]} 2>&1 | grep -v "dependency\|requires\|WARNING" || true
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps diffusers==0.31.0
+  echo "== $stack stack: $("$venv/bin/python" -c 'import gradio, transformers; print("gradio", gradio.__version__, "transformers", transformers.__version__)')"
+  # shellcheck disable=SC2086
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider ${HOST_TESTS[$stack]} $STACK_TESTS
+done
