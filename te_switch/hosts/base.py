@@ -102,11 +102,15 @@ class HostAdapter(ABC):
             return []
         if resolve is None:
             raise RuntimeError("no encoder resolver configured")
-        changed = self.engine.apply(self.requests(model, selection, resolve))
+        changed = self.commit(model, self.requests(model, selection, resolve))
         self.requested = selection
         if changed:
             self.after_swap(model, changed)
         return changed
+
+    def commit(self, model: Any, requests: list[SlotRequest]) -> list[str]:
+        """Run the swap engine (hosts override to get the model ready for in-place loads first)."""
+        return self.engine.apply(requests)
 
     @abstractmethod
     def after_swap(self, model: Any, changed: list[str]) -> None:

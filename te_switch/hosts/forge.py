@@ -305,22 +305,11 @@ class ForgeAdapter(HostAdapter):
             out.append(request)
         return out
 
-    def apply(self, selection: Selection, resolve: Resolver | None = None) -> list[str]:
-        resolve = resolve or self.resolver
-        model = self.live_model()
-        if model is None or self.family(model) is None:
-            return []
-        if resolve is None:
-            raise RuntimeError("no encoder resolver configured")
-        requests = self.requests(model, selection, resolve)
+    def commit(self, model: Any, requests: list[SlotRequest]) -> list[str]:
         if any(self.engine.would_change(r) for r in requests):
             self._release(model)
-        with torch.inference_mode():
-            changed = self.engine.apply(requests)
-        self.requested = selection
-        if changed:
-            self.after_swap(model, changed)
-        return changed
+        with torch.inference_mode():  # Forge creates (and LoRA-merges) its parameters in inference mode
+            return super().commit(model, requests)
 
     def _release(self, model: Any) -> None:
         """Take the text encoders off Forge's loaded list and undo LoRA, so loads hit the real weights."""
