@@ -22,23 +22,15 @@ Images are compared by the sha256 of their decoded pixels (the PNG also carries 
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import io
 import json
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from webui_client import BASE, TITLE, URL, Result, call, encoder_dir, rejected, txt2img, write_clip
 
-URL = os.environ.get("TE_SWITCH_WEBUI_URL", "").rstrip("/")
-TITLE = "CLIP Skip & Text Encoders"
-BASE = {"prompt": "a red cat on a blue chair", "negative_prompt": "", "steps": 2, "width": 64, "height": 64,
-        "seed": 1234, "sampler_name": "Euler", "cfg_scale": 7}  # fmt: skip
 BASELINE_REQUESTS: dict[str, dict[str, Any]] = {
     "plain": {},
     "native-clip-skip-2": {"override_settings": {"CLIP_stop_at_last_layers": 2}},
@@ -50,130 +42,14 @@ pytestmark = [
 ]
 
 
-# ---------------------------------------------------------------------------------------------
-# HTTP
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, body: Any) -> None:
-        super().__init__(f"HTTP {status}: {body}")
-        self.status = status
-        self.body = body
-
-
-def call(path: str, payload: Any = None, *, method: str | None = None, timeout: float = 1800) -> Any:
-    data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(URL + path, data=data, headers={"Content-Type": "application/json"},
-                                     method=method or ("GET" if payload is None else "POST"))  # fmt: skip
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as e:
-        body = e.read()
-        try:
-            body = json.loads(body)
-        except ValueError:
-            pass
-        raise HTTPError(e.code, body) from None
-
-
-def pixels(b64: str) -> str:
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
-    return hashlib.sha256(image.tobytes()).hexdigest()
-
-
-class Result:
-    def __init__(self, response: dict[str, Any]) -> None:
-        self.response = response
-        self.info = json.loads(response["info"])
-        self.images = response["images"]
-        self.hashes = [pixels(b) for b in self.images]
-
-    @property
-    def hash(self) -> str:
-        return self.hashes[0]
-
-    @property
-    def infotext(self) -> str:
-        return self.info["infotexts"][0]
-
-    def size(self, index: int = 0) -> tuple[int, int]:
-        from PIL import Image
-
-        return Image.open(io.BytesIO(base64.b64decode(self.images[index]))).size
-
-
-def txt2img(args: list[Any] | None = None, **extra: Any) -> Result:
-    body = {**BASE, **extra}
-    if args is not None:
-        body["alwayson_scripts"] = {TITLE: {"args": args}}
-    return Result(call("/sdapi/v1/txt2img", body))
-
-
-def rejected(args: list[Any] | None = None, **extra: Any) -> HTTPError:
-    with pytest.raises(HTTPError) as info:
-        txt2img(args, **extra)
-    return info.value
-
-
-# ---------------------------------------------------------------------------------------------
-# encoder files (real CLIP-L shapes, random weights)
-
-
-def encoder_dir() -> Path:
-    direct = os.environ.get("TE_SWITCH_WEBUI_ENCODER_DIR")
-    if direct:
-        return Path(direct)
-    models = os.environ.get("TE_SWITCH_WEBUI_MODELS")
-    if not models:
-        pytest.skip("set TE_SWITCH_WEBUI_MODELS (the server's models folder) or TE_SWITCH_WEBUI_ENCODER_DIR")
-    return Path(models) / "CLIP"
-
-
-def write_clip_l(path: Path, *, seed: int, nan: bool = False, truncate: bool = False) -> Path:
-    import torch
-    from safetensors.torch import save_file
-
-    gen = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {
-        "text_model.embeddings.token_embedding.weight": torch.randn(49408, 768, generator=gen) * 0.02,
-        "text_model.embeddings.position_embedding.weight": torch.randn(77, 768, generator=gen) * 0.01,
-        "text_model.final_layer_norm.weight": torch.ones(768),
-        "text_model.final_layer_norm.bias": torch.zeros(768),
-    }
-    for i in range(12):
-        b = f"text_model.encoder.layers.{i}."
-        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            tensors[f"{b}self_attn.{n}.weight"] = torch.randn(768, 768, generator=gen) * 0.02
-            tensors[f"{b}self_attn.{n}.bias"] = torch.zeros(768)
-        tensors[f"{b}mlp.fc1.weight"] = torch.randn(3072, 768, generator=gen) * 0.02
-        tensors[f"{b}mlp.fc1.bias"] = torch.zeros(3072)
-        tensors[f"{b}mlp.fc2.weight"] = torch.randn(768, 3072, generator=gen) * 0.02
-        tensors[f"{b}mlp.fc2.bias"] = torch.zeros(768)
-        for n in ("layer_norm1", "layer_norm2"):
-            tensors[f"{b}{n}.weight"] = torch.ones(768)
-            tensors[f"{b}{n}.bias"] = torch.zeros(768)
-    if nan:
-        tensors["text_model.final_layer_norm.weight"][5] = float("nan")
-    tensors = {k: v.to(torch.float16) for k, v in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
-    if truncate:
-        with open(path, "r+b") as f:
-            f.truncate(path.stat().st_size // 2)
-    return path
-
-
 @pytest.fixture(scope="module")
 def encoders() -> Iterator[dict[str, str]]:
     """Three CLIP-L files in the server's encoder folder (good, NaN, truncated); removed afterwards."""
     folder = encoder_dir() / "te-switch-it"
     files = {
-        "good": write_clip_l(folder / "it-clip-l.safetensors", seed=7),
-        "nan": write_clip_l(folder / "it-clip-l-nan.safetensors", seed=8, nan=True),
-        "truncated": write_clip_l(folder / "it-clip-l-cut.safetensors", seed=9, truncate=True),
+        "good": write_clip(folder / "it-clip-l.safetensors", seed=7),
+        "nan": write_clip(folder / "it-clip-l-nan.safetensors", seed=8, nan=True),
+        "truncated": write_clip(folder / "it-clip-l-cut.safetensors", seed=9, truncate=True),
     }
     call("/te-switch/v1/refresh", {}, method="POST")
     try:
