@@ -1,4 +1,4 @@
-"""Shared fixtures: reference modules (built once per session) and the file catalogue."""
+"""Shared fixtures: reference modules (built once per session), the file catalogue, the demo."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from te_switch.demo import Demo
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/ helpers import as plain modules
 
@@ -100,3 +104,16 @@ def umt5_small() -> object:
     # per-block relative bias is what conversion must carry; the 256384 vocabulary that identifies
     # UMT5 is covered by the real-shape detection fixture
     return rm.make_t5(64, 128, 2, 4, vocab=T5_SMALL_VOCAB, umt5=True, seed=8)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Demo:
+    """The standalone demo (a tiny SD1.5 pipeline + demo encoders), built once per test session."""
+    from te_switch import demo
+    from te_switch.tokenizers import bpe_path
+
+    try:
+        bpe_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))  # the demo's tokenizer is made from open_clip_torch's vocabulary file
+    return demo.ensure_demo(str(tmp_path_factory.getbasetemp() / "te_switch_cache"))

@@ -23,18 +23,6 @@ PROMPT = 'a "quoted" cat, sitting: on a mat'
 NEGATIVE = "blurry, dark"
 
 
-@pytest.fixture(scope="session")
-def demo_root(tmp_path_factory: pytest.TempPathFactory) -> demo.Demo:
-    """The demo, built once per session (every test module asks for the same folder)."""
-    from te_switch.tokenizers import bpe_path
-
-    try:
-        bpe_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))  # the demo's tokenizer is made from open_clip_torch's vocabulary file
-    return demo.ensure_demo(str(tmp_path_factory.getbasetemp() / "te_switch_cache"))
-
-
 @pytest.fixture
 def cache(demo_root: demo.Demo, monkeypatch: pytest.MonkeyPatch) -> str:
     root = os.path.dirname(demo_root.root)

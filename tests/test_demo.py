@@ -14,18 +14,6 @@ from te_switch import demo
 from te_switch.core.detect import inspect_path
 
 
-@pytest.fixture(scope="session")
-def demo_root(tmp_path_factory: pytest.TempPathFactory) -> demo.Demo:
-    """The demo, built once per session (every test module asks for the same folder)."""
-    from te_switch.tokenizers import bpe_path
-
-    try:
-        bpe_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))  # the demo's tokenizer is made from open_clip_torch's vocabulary file
-    return demo.ensure_demo(str(tmp_path_factory.getbasetemp() / "te_switch_cache"))
-
-
 def files_of(folder: str) -> dict[str, bytes]:
     out = {}
     for root, _, names in os.walk(folder):

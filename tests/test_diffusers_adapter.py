@@ -36,18 +36,6 @@ NEGATIVE = "blurry, low quality"
 LONG_PROMPT = " ".join(["a red apple on a wooden table beside a window"] * 22)  # ~220 tokens: needs Long-CLIP
 
 
-@pytest.fixture(scope="session")
-def demo_root(tmp_path_factory: pytest.TempPathFactory) -> demo.Demo:
-    """The demo, built once per session (every test module asks for the same folder)."""
-    from te_switch.tokenizers import bpe_path
-
-    try:
-        bpe_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))  # the demo's tokenizer is made from open_clip_torch's vocabulary file
-    return demo.ensure_demo(str(tmp_path_factory.getbasetemp() / "te_switch_cache"))
-
-
 @pytest.fixture(scope="module")
 def sd1(demo_root: demo.Demo) -> Iterator[DiffusersAdapter]:
     pipe = demo.load_demo_pipeline(demo_root)
