@@ -87,6 +87,7 @@ def test_command_1_in_a_fresh_venv_from_a_clean_clone(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         env=env,
+        cwd=tmp_path,  # not a folder holding te_switch/: the import must come from the venv
         timeout=120,
         check=True,
     )
