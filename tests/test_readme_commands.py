@@ -94,4 +94,5 @@ def test_command_1_in_a_fresh_venv_from_a_clean_clone(tmp_path: Path) -> None:
     location, version = probe.stdout.split()
     assert Path(location).resolve().is_relative_to(clone.resolve())
     pin = re.search(r"torch==([\w.+]+)", readme_commands()[1])
-    assert pin and version.split("+")[0] == pin.group(1)
+    assert pin, "README's command 1 pins no torch"
+    assert version.split("+")[0] == pin.group(1)
