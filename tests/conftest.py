@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import torch
 
 if TYPE_CHECKING:
     from te_switch.demo import Demo
@@ -104,6 +105,22 @@ def umt5_small() -> object:
     # per-block relative bias is what conversion must carry; the 256384 vocabulary that identifies
     # UMT5 is covered by the real-shape detection fixture
     return rm.make_t5(64, 128, 2, 4, vocab=T5_SMALL_VOCAB, umt5=True, seed=8)
+
+
+@pytest.fixture
+def tapped_blocks(monkeypatch: pytest.MonkeyPatch) -> list[torch.nn.Module]:
+    """Every block a truncated forward (``core.clip_skip.run_to_layer``) takes its output from."""
+    from te_switch.core import clip_skip
+
+    seen: list[torch.nn.Module] = []
+
+    class Recording(clip_skip.LayerTap):
+        def __init__(self, block: torch.nn.Module, *, stop: bool) -> None:
+            super().__init__(block, stop=stop)
+            seen.append(block)
+
+    monkeypatch.setattr(clip_skip, "LayerTap", Recording)
+    return seen
 
 
 @pytest.fixture(scope="session")

@@ -440,6 +440,32 @@ def test_sd2_clip_skip_against_hf_conversion(env: Env) -> None:
     assert wrapper.wrapped.layer_idx == 1  # A1111's own setting is back
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sdxl-refiner"])
+def test_the_layer_shown_is_the_layer_run(env: Env, family: str, tapped_blocks: list) -> None:
+    """The effective-layer line and the truncated forward come from one plan."""
+    from te_switch.core.selection import SLOT_LABELS
+
+    model = env.load(family)
+    adapter = env.adapter()
+    blocks = {
+        n: s.module.transformer.resblocks
+        if hasattr(s.module, "positional_embedding")
+        else text_transformer(s.module).encoder.layers
+        for n, s in adapter.slots(model).items()
+    }
+    for n in (1, 3, 12):
+        selection = Selection(clip_skip=n)
+        plans = adapter.plans(selection)
+        line = adapter.describe(selection)
+        tapped_blocks.clear()
+        adapter.begin(selection)
+        encode(model, [PROMPT])
+        adapter.end()
+        assert {id(b) for b in tapped_blocks} == {id(blocks[p.tower][p.layer - 1]) for p in plans}, line
+        for p in plans:
+            assert f"{SLOT_LABELS[p.tower]} layer {p.layer}/{p.layers}" in line
+
+
 def test_scope_limits_clip_skip_to_one_sdxl_tower(env: Env) -> None:
     model = env.load("sdxl")
     stock = encode(model, [PROMPT])

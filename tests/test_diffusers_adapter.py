@@ -137,6 +137,25 @@ def test_clip_skip_stops_the_forward_at_the_chosen_layer(adapter: DiffusersAdapt
     assert calls == [2] * 9 + [0] * 3  # blocks 10-12 never ran, for the prompt nor the negative
 
 
+@pytest.mark.parametrize("pipeline", ["sd1", "sdxl", "sd2"])
+def test_the_layer_shown_is_the_layer_run(pipeline: str, request: pytest.FixtureRequest, tapped_blocks: list) -> None:
+    """The effective-layer line and the truncated forward come from one plan (SD2's 23 layers included)."""
+    from te_switch.core.selection import SLOT_LABELS
+    from te_switch.hosts.modules import hf_clip_blocks
+
+    host: DiffusersAdapter = request.getfixturevalue(pipeline)
+    blocks = {n: hf_clip_blocks(s.module) for n, s in host.slots(host.pipe).items()}
+    for n in (1, 2, 3, 12):
+        selection = Selection(clip_skip=n)
+        plans = host.plans(selection)
+        line = host.describe(selection)
+        tapped_blocks.clear()
+        host.encode(selection, PROMPT, NEGATIVE)
+        assert {id(b) for b in tapped_blocks} == {id(blocks[p.tower][p.layer - 1]) for p in plans}, line
+        for p in plans:
+            assert f"{SLOT_LABELS[p.tower]} layer {p.layer}/{p.layers}" in line
+
+
 def bad_files(folder: Path, good: dict[str, torch.Tensor]) -> list[tuple[Path, str]]:
     """Encoder files that must be refused: (path, a word the one-line error must contain)."""
     nan = dict(good)

@@ -1052,8 +1052,9 @@ class TinyAdapter(HostAdapter):
     def layer_note(self, model: Any, family: str, selection: Selection) -> str | None:
         return self.note
 
-    def after_swap(self, model: Any, changed: list[str]) -> None:
-        self.swapped.append(list(changed))
+    def after_swap(self, model: Any) -> None:
+        # what the model holds when the host's bookkeeping runs: every commit is done by then
+        self.swapped.append([name for name, slot in self.slots(model).items() if self.engine.applied(slot)])
 
     def install(self) -> None:
         pass

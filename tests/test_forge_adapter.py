@@ -597,6 +597,38 @@ def test_sd2_counts_in_original_layers(assets: Assets) -> None:
         assert env.adapter.describe(Selection()).endswith("native")  # Forge's default = OpenCLIP-H penultimate
 
 
+@pytest.mark.parametrize("family", ["sd15", "sd20", "sdxl", "sdxl-refiner", "sd35"])
+def test_the_layer_shown_is_the_layer_run(assets: Assets, family: str, tapped_blocks: list) -> None:
+    """The effective-layer line and the encode come from one plan (SD2's 23 layers included)."""
+    from te_switch.core.selection import SLOT_LABELS
+    from te_switch.hosts.modules import hf_clip_blocks
+
+    with forge(assets, family) as env:
+        from modules import shared
+
+        blocks = {
+            t: hf_clip_blocks(slot_module(env, t))
+            for t in ("clip_l", "clip_g", "clip_h")
+            if t in env.model.forge_objects.clip.cond_stage_model._modules
+        }
+        first = next(iter(blocks))
+        cases = [(sel(n), 1) for n in (1, 2, 3, 12)]
+        cases.append((sel(None, **{first: SlotChoice(None, "fp32")}), 3))  # Auto on a swapped slot: Forge's N
+        for selection, host_n in cases:
+            shared.opts.set("CLIP_stop_at_last_layers", host_n)
+            env.apply(selection)
+            plans = env.adapter.plans(selection)
+            line = env.adapter.describe(selection)
+            tapped_blocks.clear()
+            env.encode(selection, [PLAIN], host_clip_skip=host_n)
+            # on Auto only the swapped tower goes through our forward; the others run Forge's own code
+            ours = [p for p in plans if selection.clip_skip is not None or p.tower == first]
+            assert {id(b) for b in tapped_blocks} == {id(blocks[p.tower][p.layer - 1]) for p in ours}, line
+            for p in plans:
+                assert f"{SLOT_LABELS[p.tower]} layer {p.layer}/{p.layers}" in line
+        env.apply(Selection())
+
+
 def test_auto_plans_follow_forge(assets: Assets) -> None:
     with forge(assets, "sd15") as env:
         from modules import shared

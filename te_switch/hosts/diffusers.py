@@ -35,16 +35,18 @@ from typing import Any
 
 import torch
 
-from te_switch.core.clip_skip import LayerTap, TowerPlan, block_for_skip
+from te_switch.core import clip_skip
+from te_switch.core.clip_skip import TowerPlan, run_to_layer
+from te_switch.core.compute import autocast_off
 from te_switch.core.detect import TowerInfo, inspect_path
 from te_switch.core.errors import IncompatibleError, TESwitchError, one_line
 from te_switch.core.library import EncoderLibrary, sha256_of
 from te_switch.core.longclip import chunk_length
 from te_switch.core.selection import KINDS_BY_SLOT, SCOPE_LABELS, SLOT_LABELS, Selection
 from te_switch.core.tensors import Weight
-from te_switch.hosts.base import HostAdapter, Resolver
+from te_switch.hosts.base import HostAdapter, Resolver, tower_positions
 from te_switch.hosts.engine import EncoderSource, LiveSlot
-from te_switch.hosts.modules import hf_clip_slot, t5_slot, text_transformer
+from te_switch.hosts.modules import hf_clip_blocks, hf_clip_slot, t5_slot, text_transformer
 
 # slot -> (text-encoder attribute, tokenizer attribute) per family
 COMPONENTS: dict[str, dict[str, tuple[str, str]]] = {
@@ -59,7 +61,6 @@ COMPONENTS: dict[str, dict[str, tuple[str, str]]] = {
     },
     "flux": {"clip_l": ("text_encoder", "tokenizer"), "t5xxl": ("text_encoder_2", "tokenizer_2")},
 }
-SD2_ORIGINAL_LAYERS = 24  # OpenCLIP-H; diffusers keeps 23
 T5_SEQUENCE = {"sd3": 256, "flux": 512}  # encode_prompt's default max_sequence_length
 DEFAULT_GUIDANCE = {"flux": 3.5}
 SINGLE_FILE_HELP = (
@@ -365,16 +366,11 @@ class DiffusersAdapter(HostAdapter):
         self._slot_cache = (model, modules, out)
         return dict(out)
 
-    def plans(self, selection: Selection, model: Any = None) -> list[TowerPlan]:
-        plans = super().plans(selection, model)
-        model = self.live_model() if model is None else model
+    def missing_layers(self, model: Any) -> dict[str, int]:
+        """diffusers' SD2 text encoder has 23 of OpenCLIP-H's 24 layers."""
         if self.family(model) != "sd2":
-            return plans
-        # the last OpenCLIP-H layer is not in diffusers' SD2 encoder: its layer 23 is the deepest
-        deepest = SD2_ORIGINAL_LAYERS - len(text_transformer(model.text_encoder).encoder.layers) + 1
-        return [
-            TowerPlan(p.tower, max(p.skip, deepest), p.layers, p.final_ln, max(p.skip, deepest) == 2) for p in plans
-        ]
+            return {}
+        return {"clip_h": clip_skip.missing_layers("clip_h", len(hf_clip_blocks(model.text_encoder)))}
 
     def layer_note(self, model: Any, family: str, selection: Selection) -> str | None:
         if family == "sd2" and selection.clip_skip == 1:
@@ -383,24 +379,18 @@ class DiffusersAdapter(HostAdapter):
             return "the refiner has no CLIP-L"
         return None
 
-    def after_swap(self, model: Any, changed: list[str]) -> None:
+    def after_swap(self, model: Any) -> None:
         """Tokenizers follow the position count of their tower (77, or 248 for Long-CLIP)."""
         family = self.family(model)
         for slot_name, slot in self.slots(model).items():
             if slot_name == "t5xxl":
                 continue
-            positions = clip_positions(slot.module)
+            positions = tower_positions(slot.module)
             tokenizer = getattr(model, COMPONENTS[family or ""][slot_name][1], None)
             if tokenizer is not None:
                 tokenizer.model_max_length = positions
             if slot_name == "clip_l" and hasattr(model, "tokenizer_max_length"):
                 model.tokenizer_max_length = positions  # SD3 / Flux read this instead
-
-    def install(self) -> None:
-        """Nothing to patch: the adapter computes the embeddings and passes them to ``__call__``."""
-
-    def uninstall(self) -> None:
-        """Nothing was patched (see :meth:`install`)."""
 
     # -- reporting -------------------------------------------------------------------------------
 
@@ -412,7 +402,7 @@ class DiffusersAdapter(HostAdapter):
             if slot_name in slots:
                 tokenizer = getattr(self.pipe, COMPONENTS[family or ""][slot_name][1])
                 count = len(tokenizer(prompt or "", add_special_tokens=False, truncation=False).input_ids)
-                return count, chunk_length(clip_positions(slots[slot_name].module))
+                return count, chunk_length(tower_positions(slots[slot_name].module))
         return 0, 0
 
     # -- encoding -----------------------------------------------------------------------------
@@ -439,7 +429,7 @@ class DiffusersAdapter(HostAdapter):
         plans = {p.tower: p for p in self.plans(selection, pipe)}
         towers = self._towers(family)
         explicit = any(t.explicit_precision for t in towers.values())
-        with torch.no_grad(), _autocast_off(pipe, explicit):
+        with torch.no_grad(), autocast_off(pipe._execution_device) if explicit else contextlib.nullcontext():
             if family in ("sd1", "sd2"):
                 return self._encode_sd(family, towers, plans, prompt, negative_prompt, explicit)
             if family in ("sdxl", "sdxl-refiner"):
@@ -482,7 +472,6 @@ class DiffusersAdapter(HostAdapter):
         plan: TowerPlan,
         *,
         pooled: str | None = None,
-        layer_offset: int = 0,
         attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden states of ``plan``'s layer, pooled vector or None); forward stops early when it can.
@@ -491,15 +480,15 @@ class DiffusersAdapter(HostAdapter):
         ``'pooler'`` (``pooler_output``).
         """
         model = tower.model
-        blocks = text_transformer(model).encoder.layers
-        index = block_for_skip(len(blocks), plan.skip, layer_offset=layer_offset)
+        blocks = hf_clip_blocks(model)
         device = _module_device(model)
-        out = None
-        with LayerTap(blocks[index], stop=pooled is None) as tap:
-            out = model(ids.to(device), attention_mask=attention_mask)
-        hidden = tap.output
-        if hidden is None:
-            raise RuntimeError(f"{SLOT_LABELS[tower.slot]}: block {index} produced no output")
+        hidden, out = run_to_layer(
+            blocks,
+            plan.skip,
+            lambda: model(ids.to(device), attention_mask=attention_mask),
+            stop=pooled is None,
+            missing=clip_skip.missing_layers(tower.slot, len(blocks)),
+        )
         if plan.final_ln:
             hidden = text_transformer(model).final_layer_norm(hidden)
         vector = None
@@ -518,7 +507,6 @@ class DiffusersAdapter(HostAdapter):
     ) -> dict[str, torch.Tensor]:
         slot = "clip_l" if family == "sd1" else "clip_h"
         tower, plan = towers[slot], plans[slot]
-        offset = SD2_ORIGINAL_LAYERS - len(text_transformer(tower.model).encoder.layers) if family == "sd2" else 0
         pipe = self.pipe
         dtype = self._denoiser_dtype() if explicit else tower.model.dtype
         device = pipe._execution_device
@@ -528,7 +516,7 @@ class DiffusersAdapter(HostAdapter):
             mask = None
             if getattr(tower.model.config, "use_attention_mask", False):
                 mask = inputs.attention_mask.to(device)
-            hidden, _ = self._clip(tower, inputs.input_ids, plan, layer_offset=offset, attention_mask=mask)
+            hidden, _ = self._clip(tower, inputs.input_ids, plan, attention_mask=mask)
             return hidden.to(dtype=dtype, device=device)
 
         positive = run(prompt, None)
@@ -756,11 +744,6 @@ def pipeline_family(pipe: Any) -> str | None:
     return None
 
 
-def clip_positions(model: torch.nn.Module) -> int:
-    """Position count of a HF CLIP text model (from the table's shape: no state dict, nothing expanded)."""
-    return int(text_transformer(model).embeddings.position_embedding.weight.shape[0])
-
-
 def _truncated_tower_slot(slot: LiveSlot, live_layers: int) -> LiveSlot:
     """A slot whose module lacks the tower's last block (diffusers' SD2): that block of a file is dropped."""
     inner = slot.to_host
@@ -780,17 +763,6 @@ def _module_device(module: torch.nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _autocast_off(pipe: Any, explicit: bool) -> Iterator[None]:
-    """fp32 (or any chosen precision) must really compute in that dtype: no autocast around the encode."""
-    if not explicit:
-        yield
-        return
-    device_type = pipe._execution_device.type
-    with torch.autocast(device_type=device_type, enabled=False):
-        yield
 
 
 def _size(pipe: Any, size: int | tuple[int, int] | None) -> tuple[int, int]:
