@@ -12,7 +12,7 @@ import pytest
 import torch
 
 if TYPE_CHECKING:
-    from te_switch.demo import Demo
+    from te_switch.standalone.demo import Demo
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/ helpers import as plain modules
 
@@ -126,8 +126,8 @@ def tapped_blocks(monkeypatch: pytest.MonkeyPatch) -> list[torch.nn.Module]:
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Demo:
     """The standalone demo (a tiny SD1.5 pipeline + demo encoders), built once per test session."""
-    from te_switch import demo
-    from te_switch.tokenizers import bpe_path
+    from te_switch.standalone import demo
+    from te_switch.standalone.tokenizers import bpe_path
 
     try:
         bpe_path()

@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from te_switch import demo
 from te_switch.core.detect import inspect_path
+from te_switch.standalone import demo
 
 
 def files_of(folder: str) -> dict[str, bytes]:

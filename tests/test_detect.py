@@ -238,12 +238,12 @@ def test_inspect_path_never_raises_on_broken_gguf(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# GGUF (llama.cpp T5 names), written with te_switch.synth_gguf from names gguf-py itself maps
+# GGUF (llama.cpp T5 names), written with tests/synth_gguf.py from names gguf-py itself maps
 
 
 def test_detect_gguf_t5(tmp_path: Path) -> None:
     pytest.importorskip("te_switch.core.gguf_reader", reason="core.gguf_reader not written yet")
-    from te_switch.synth_gguf import write_gguf
+    from synth_gguf import write_gguf
 
     d, ff, layers, heads = 64, 128, 3, 4
     sd = {k: torch.randn(s) * 0.1 for k, (s, _) in fm.t5_spec(d, ff, layers, heads, vocab=fm.T5_VOCAB).items()}

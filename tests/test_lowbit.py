@@ -18,7 +18,7 @@ from te_switch.core.tensors import PackedTensor, dense
 
 gguf = pytest.importorskip("gguf")
 
-from te_switch.synth_gguf import random_blocks  # noqa: E402
+from synth_gguf import random_blocks  # noqa: E402
 
 IN, OUT, VOCAB = 256, 48, 40  # 256: one K-quant super-block per row
 
