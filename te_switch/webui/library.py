@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from te_switch.core.detect import TowerInfo
 from te_switch.core.errors import TESwitchError, one_line
+from te_switch.core.infotext import encoder_value
 from te_switch.core.library import SHORT_HASH_LEN, EncoderChoice, EncoderFile, EncoderLibrary, file_identity
 from te_switch.core.selection import KINDS_BY_SLOT, SLOT_LABELS
 from te_switch.hosts.engine import EncoderSource
@@ -282,7 +283,7 @@ def cached_short_hash(path: str) -> str | None:
 def infotext_value(label: str) -> str:
     """'name [short hash]' for the infotext."""
     choice = lookup(label)
-    return f"{choice.label} [{short_hash(choice)}]"
+    return encoder_value(choice.label, short_hash(choice))
 
 
 def source_for(slot: str, label: str) -> EncoderSource:
