@@ -205,10 +205,7 @@ def _as_packed(weight: PackedTensor | torch.Tensor) -> PackedTensor:
             if weight.raw.dtype not in FLOAT8_DTYPES:
                 raise ValueError(f"{weight.qtype} PackedTensor holds {weight.raw.dtype}, not fp8 data")
         elif weight.qtype not in DEQUANTIZERS:
-            from te_switch.core import gguf_reader  # noqa: F401  (registers the GGUF decoders)
-
-            if weight.qtype not in DEQUANTIZERS:
-                raise ValueError(f"no decoder for quantisation type {weight.qtype}")
+            raise ValueError(f"no decoder for quantisation type {weight.qtype}")
         return weight
     if isinstance(weight, torch.Tensor) and weight.dtype in FLOAT8_DTYPES:
         return PackedTensor(dtype_name(weight.dtype), weight, weight.shape)

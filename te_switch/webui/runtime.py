@@ -14,7 +14,7 @@ from te_switch.core.clip_skip import NATIVE_SKIP, clip_towers
 from te_switch.core.errors import one_line
 from te_switch.core.selection import SLOT_LABELS, Selection
 from te_switch.hosts.base import HostAdapter
-from te_switch.webui import library, options
+from te_switch.webui import library, memory, options
 from te_switch.webui.args import ArgsError, force, merge, parse_clip_skip, with_default_precision
 from te_switch.webui.ui import PanelBackend
 
@@ -214,9 +214,12 @@ def long_clip_hint(panel: Selection) -> str:
     return f"Long-CLIP: {chunk}-token chunks after the next generation"
 
 
-def panel_backend() -> PanelBackend:
-    from te_switch.webui import memory
+def remembered_panel() -> Selection | None:
+    """The panel's memory for the loaded checkpoint, when the option is on."""
+    return memory.recall(checkpoint_key()) if memory.enabled() else None
 
+
+def panel_backend() -> PanelBackend:
     return PanelBackend(
         describe=describe,
         slot_names=slot_names,
@@ -229,5 +232,5 @@ def panel_backend() -> PanelBackend:
         hint=long_clip_hint,
         resting_clip_skip=resting_clip_skip,
         model_key=checkpoint_key,
-        remembered=memory.recall_current,
+        remembered=remembered_panel,
     )
