@@ -23,9 +23,9 @@ import torch
 from fakes.harness import fake_webui
 from safetensors.torch import save_file
 
-from te_switch.core.convert import openclip_to_canonical
 from te_switch.core.detect import detect
 from te_switch.core.errors import TESwitchError
+from te_switch.core.layouts import openclip_to_canonical
 from te_switch.core.longclip import stretch_positions
 from te_switch.core.readers import open_file
 from te_switch.core.selection import Selection, SlotChoice

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from te_switch.core import convert
-from te_switch.core.convert import canonical_to_openclip, load_tower, openclip_to_canonical
+from te_switch.core.convert import canonical_to_openclip, load_tower
 from te_switch.core.detect import TowerInfo, detect
 from te_switch.core.errors import BadFileError, one_line
+from te_switch.core.layouts import openclip_to_canonical
 from te_switch.core.readers import open_file
 from te_switch.core.tensors import PackedTensor, dense, is_compressed, materialize, weight_dtype_name
 

@@ -25,8 +25,8 @@ from fakes.harness import fake_webui
 from safetensors.torch import save_file
 from synth_gguf import hf_t5_to_llama_names, write_gguf
 
-from te_switch.core.convert import gguf_t5_to_canonical
 from te_switch.core.detect import detect
+from te_switch.core.layouts import gguf_t5_to_canonical
 from te_switch.core.readers import open_file
 from te_switch.core.selection import Selection, SlotChoice
 from te_switch.hosts.engine import EncoderSource, SwapEngine
