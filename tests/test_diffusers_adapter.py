@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -31,7 +32,16 @@ from te_switch.standalone import demo
 from te_switch.standalone.generate import generate
 from te_switch.standalone.pipeline import load_pipeline
 from te_switch.standalone.resolver import EncoderResolver
-from te_switch.standalone.tokenizers import clip_tokenizer
+from te_switch.standalone.tokenizers import write_clip_tokenizer
+
+
+def clip_tokenizer(folder: str, *, pad_token: str = "<|endoftext|>") -> Any:
+    """A transformers ``CLIPTokenizer`` made offline (written to ``folder`` first if it is not there)."""
+    from transformers import CLIPTokenizer
+
+    if not os.path.isfile(os.path.join(folder, "vocab.json")):
+        write_clip_tokenizer(folder, pad_token=pad_token)
+    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 CPU = torch.device("cpu")

@@ -158,14 +158,6 @@ def detach(module: nn.Module) -> None:
     module._parameters["weight"] = original
 
 
-def detach_all(tree: nn.Module) -> int:
-    """Detach every attached module under ``tree`` (itself included); returns how many."""
-    attached = [m for m in tree.modules() if is_attached(m)]
-    for m in attached:
-        detach(m)
-    return len(attached)
-
-
 def is_attached(module: nn.Module) -> bool:
     return _STATE in module.__dict__
 

@@ -205,10 +205,6 @@ class ShardedSource(TensorSource):
         self.metadata = {str(k): str(v) for k, v in (index.get("metadata") or {}).items()}
         self._open: dict[str, TensorSource] = {}
 
-    @property
-    def shard_paths(self) -> list[str]:
-        return sorted(set(self._shard_of.values()))
-
     def _shard(self, key: str) -> TensorSource:
         path = self._shard_of[key]
         src = self._open.get(path)

@@ -123,10 +123,6 @@ class PackedTensor:
 Weight = torch.Tensor | PackedTensor
 
 
-def weight_shape(w: Weight) -> tuple[int, ...]:
-    return tuple(w.shape)
-
-
 def weight_dtype_name(w: Weight) -> str:
     return w.qtype if isinstance(w, PackedTensor) else dtype_name(w.dtype)
 

@@ -81,12 +81,6 @@ def demo_dir(root: str | None = None) -> str:
     return os.path.join(root or cache_root(), "demo")
 
 
-def is_demo(path: str) -> bool:
-    """True when ``path`` is (inside) a demo created by this module."""
-    folder = os.path.abspath(path)
-    return any(_manifest(candidate) is not None for candidate in (folder, os.path.dirname(folder)))
-
-
 def _manifest(folder: str) -> dict | None:
     try:
         with open(os.path.join(folder, "demo.json"), encoding="utf-8") as f:
