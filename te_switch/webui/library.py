@@ -2,8 +2,8 @@
 what users type (labels, ``name [hash]`` from infotext, paths) into a checked encoder.
 
 Folders: ``<models>/CLIP`` (A1111's SD3 convention), ``<models>/text_encoder`` (Forge),
-``<models>/text_encoders`` (ComfyUI, reForge), Forge's ``--text-encoder-dir``, every
-``--te-switch-dir`` and the folders in the ``te_switch_extra_dirs`` setting. The header/hash cache
+``<models>/text_encoders`` (ComfyUI, reForge), Forge's ``--text-encoder-dir``, and the folders in
+the ``te_switch_extra_dirs`` setting (``--te-switch-dir`` adds to that setting at start-up). The header/hash cache
 lives in the WebUI's cache folder (``SD_WEBUI_CACHE_DIR``, default ``<data>/cache``), never in
 the extension's own tree.
 """
@@ -94,7 +94,6 @@ def encoder_folders() -> list[str]:
     forge_dir = getattr(cmd, "text_encoder_dir", None) if cmd is not None else None
     if isinstance(forge_dir, str) and forge_dir:
         folders.append(forge_dir)
-    folders += list(getattr(cmd, "te_switch_dir", None) or []) if cmd is not None else []
     opts = _opts()
     if opts is not None:
         folders += split_folders(getattr(opts, "te_switch_extra_dirs", ""))
