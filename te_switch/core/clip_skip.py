@@ -1,4 +1,4 @@
-"""CLIP skip semantics (DESIGN.md) and the truncated forward that serves them.
+"""CLIP skip semantics (docs/DESIGN.md) and the truncated forward that serves them.
 
 Clip skip N on a tower means: condition on HF ``hidden_states[-N]`` — the output of block
 ``layers - N + 1`` (1-based). SD1/SD2 then apply the final layer norm, SDXL/SD3 do not. Pooled
