@@ -80,28 +80,29 @@ def fold_scaled_fp8(sd: Mapping[str, Weight]) -> dict[str, Weight]:
 
 
 def canonical_to_openclip(sd: Mapping[str, Weight]) -> dict[str, Weight]:
-    """Canonical CLIP → OpenCLIP layout (what A1111's SDXL CLIP-G and SD2 CLIP-H modules hold)."""
+    """Canonical CLIP → OpenCLIP layout (what A1111's SDXL CLIP-G and SD2 CLIP-H modules hold).
+
+    The exact inverse of ``layouts.openclip_to_canonical``: the same tables read backwards; q, k and v
+    are fused again into ``in_proj``.
+    """
     top = {v: k for k, v in OPENCLIP_TOP.items()}
+    top[CANONICAL_PROJECTION] = OPENCLIP_RAW_PROJECTION
     block = {v: k for k, v in OPENCLIP_BLOCK.items()}
     fused_parts = {part: (fused, idx) for fused, parts in OPENCLIP_FUSED.items() for idx, part in enumerate(parts)}
+    layer = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.(.+)$")
     out: dict[str, Weight] = {}
     pending: dict[tuple[str, str], list[Weight | None]] = {}
-    layer = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.(.+)$")
     for key, value in sd.items():
-        if key in top:
-            out[top[key]] = value
-        elif key == CANONICAL_PROJECTION:
-            out[OPENCLIP_RAW_PROJECTION] = transpose(value)
-        elif m := layer.match(key):
-            i, rest = m.group(1), m.group(2)
-            head = f"transformer.resblocks.{i}."
-            if rest in block:
-                out[head + block[rest]] = value
-            elif rest in fused_parts:
-                fused, idx = fused_parts[rest]
-                pending.setdefault((head, fused), [None, None, None])[idx] = value
-            else:
-                raise KeyError(f"no OpenCLIP name for {key}")
+        m = layer.match(key)
+        rest = m.group(2) if m else ""
+        if m is None and key in top:
+            # OpenAI keeps the projection as the raw `x @ P` matrix: HF's Linear weight transposed
+            out[top[key]] = transpose(value) if key == CANONICAL_PROJECTION else value
+        elif m is not None and rest in block:
+            out[f"transformer.resblocks.{m.group(1)}.{block[rest]}"] = value
+        elif m is not None and rest in fused_parts:
+            fused, idx = fused_parts[rest]
+            pending.setdefault((f"transformer.resblocks.{m.group(1)}.", fused), [None, None, None])[idx] = value
         else:
             raise KeyError(f"no OpenCLIP name for {key}")
     for (head, fused), parts in pending.items():

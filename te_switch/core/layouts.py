@@ -227,70 +227,43 @@ def _anchor_pattern(anchor: str) -> re.Pattern[str]:
 # in the order anchors are tried: `text_model.encoder.layers…` is hf before it could be hf-flat
 LAYOUTS: tuple[Layout, ...] = (
     Layout(
-        "hf",
-        "clip",
-        anchor="text_model.encoder.layers.0.self_attn.q_proj.weight",
-        heads=("text_model.", "text_projection."),
-        singles=("text_projection",),
-        to_canonical=hf_to_canonical,
+        "hf", "clip", anchor="text_model.encoder.layers.0.self_attn.q_proj.weight", to_canonical=hf_to_canonical,
+        heads=("text_model.", "text_projection."), singles=("text_projection",),
         token_embedding=("text_model.embeddings.token_embedding.weight",),
-        positions="text_model.embeddings.position_embedding.weight",
-        blocks="text_model.encoder.layers.",
+        positions="text_model.embeddings.position_embedding.weight", blocks="text_model.encoder.layers.",
         features=(
-            ("projection", ("text_projection.weight",)),
-            ("position-ids", ("text_model.embeddings.position_ids",)),
+            ("projection", ("text_projection.weight",)), ("position-ids", ("text_model.embeddings.position_ids",)),
         ),
     ),
-    Layout(
-        "hf-flat",
-        "clip",
-        anchor="encoder.layers.0.self_attn.q_proj.weight",
-        heads=("embeddings.", "encoder.", "final_layer_norm.", "text_projection."),
-        to_canonical=hf_flat_to_canonical,
-        token_embedding=("embeddings.token_embedding.weight",),
-        positions="embeddings.position_embedding.weight",
+    Layout(  # transformers >= 5.6 CLIPTextModel, old SD1 checkpoints: no `text_model.` level
+        "hf-flat", "clip", anchor="encoder.layers.0.self_attn.q_proj.weight", to_canonical=hf_flat_to_canonical,
+        heads=("embeddings.", "encoder.", "final_layer_norm.", "text_projection."), not_under="text_model.",
+        token_embedding=("embeddings.token_embedding.weight",), positions="embeddings.position_embedding.weight",
         blocks="encoder.layers.",
         features=(("projection", ("text_projection.weight",)), ("position-ids", ("embeddings.position_ids",))),
-        not_under="text_model.",
     ),
-    Layout(
-        "openclip",
-        "clip",
-        anchor="transformer.resblocks.0.attn.in_proj_weight",
+    Layout(  # OpenAI CLIP / OpenCLIP (fused in_proj, raw projection), Long-CLIP's own files
+        "openclip", "clip", anchor="transformer.resblocks.0.attn.in_proj_weight", to_canonical=openclip_to_canonical,
         heads=("transformer.", "ln_final.", "token_embedding.", "text_projection."),
         singles=("positional_embedding", "positional_embedding_res", "text_projection"),
-        to_canonical=openclip_to_canonical,
-        token_embedding=("token_embedding.weight",),
-        positions="positional_embedding",
-        blocks="transformer.resblocks.",
+        token_embedding=("token_embedding.weight",), positions="positional_embedding", blocks="transformer.resblocks.",
         features=(
             ("long-clip-res", ("positional_embedding_res",)),
             ("projection", ("text_projection", "text_projection.weight")),
         ),
     ),
-    Layout(
-        "hf",
-        "t5",
-        anchor="encoder.block.0.layer.0.SelfAttention.q.weight",
-        heads=("encoder.", "shared."),
-        to_canonical=t5_to_canonical,
-        token_embedding=("shared.weight", "encoder.embed_tokens.weight"),
-        blocks="encoder.block.",
-        gate=".DenseReluDense.wi_0.",
+    Layout(  # T5EncoderModel, and the WebUIs' own T5 (encoder.embed_tokens without shared)
+        "hf", "t5", anchor="encoder.block.0.layer.0.SelfAttention.q.weight", to_canonical=t5_to_canonical,
+        heads=("encoder.", "shared."), token_embedding=("shared.weight", "encoder.embed_tokens.weight"),
+        blocks="encoder.block.", gate=".DenseReluDense.wi_0.",
         second_bias="encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight",
     ),
-    Layout(
-        "llama.cpp",
-        "t5",
-        anchor="enc.blk.0.attn_q.weight",
-        heads=("enc.", "token_embd."),
-        to_canonical=gguf_t5_to_canonical,
-        token_embedding=("token_embd.weight",),
-        blocks="enc.blk.",
-        gate=".ffn_gate.",
-        second_bias="enc.blk.1.attn_rel_b.weight",
+    Layout(  # GGUF: llama.cpp names, shapes already in torch order from the reader
+        "llama.cpp", "t5", anchor="enc.blk.0.attn_q.weight", to_canonical=gguf_t5_to_canonical,
+        heads=("enc.", "token_embd."), token_embedding=("token_embd.weight",), blocks="enc.blk.",
+        gate=".ffn_gate.", second_bias="enc.blk.1.attn_rel_b.weight",
     ),
-)
+)  # fmt: skip
 ANCHOR_SUFFIXES = tuple(layout.anchor for layout in LAYOUTS)  # a cheap filter before the patterns
 
 

@@ -39,6 +39,10 @@ from te_switch.hosts.base import HostAdapter, tower_positions
 from te_switch.hosts.engine import LiveSlot, SwapEngine
 from te_switch.hosts.modules import hf_clip_slot, openclip_slot, t5_slot, text_transformer
 
+# (A1111's original encode, the wrapper, the tokens, the plan or None) -> the cond of one tower
+TowerEncode = Callable[[Callable[..., Any], Any, torch.Tensor, TowerPlan | None], Any]
+Patch = Callable[[Callable[..., Any]], Callable[..., Any]]
+
 
 class A1111Adapter(HostAdapter):
     name = "a1111"
@@ -203,19 +207,14 @@ class A1111Adapter(HostAdapter):
     def patch_targets(self) -> list[sdwebui.PatchTarget]:
         from modules import processing, sd_hijack_clip, sd_hijack_open_clip, sd_models
 
+        clip_l = self._tower_patch("clip_l", lambda w: w.wrapped.transformer, _hf_clip_encode)
+        clip_h = self._tower_patch("clip_h", lambda w: w.wrapped.model, _open_clip_h_encode)
+        clip_g = self._tower_patch("clip_g", lambda w: w.wrapped.model, _open_clip_g_encode)
         targets: list[sdwebui.PatchTarget] = [
-            (sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords, "encode_with_transformers", self._hf_clip_patch),
-            (sd_hijack_clip.FrozenCLIPEmbedderForSDXLWithCustomWords, "encode_with_transformers", self._hf_clip_patch),
-            (
-                sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords,
-                "encode_with_transformers",
-                self._open_clip_h_patch,
-            ),
-            (
-                sd_hijack_open_clip.FrozenOpenCLIPEmbedder2WithCustomWords,
-                "encode_with_transformers",
-                self._open_clip_g_patch,
-            ),
+            (sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords, "encode_with_transformers", clip_l),
+            (sd_hijack_clip.FrozenCLIPEmbedderForSDXLWithCustomWords, "encode_with_transformers", clip_l),
+            (sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords, "encode_with_transformers", clip_h),
+            (sd_hijack_open_clip.FrozenOpenCLIPEmbedder2WithCustomWords, "encode_with_transformers", clip_g),
             (processing.StableDiffusionProcessing, "cached_params", self._cached_params_patch),
             (sd_models, "load_model_weights", self._load_model_weights_patch),
         ]
@@ -227,49 +226,24 @@ class A1111Adapter(HostAdapter):
             pass  # before 1.10: no SD3
         return targets
 
-    def _hf_clip_patch(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(original)
-        def encode_with_transformers(wrapper: Any, tokens: torch.Tensor) -> torch.Tensor:
-            transformer = wrapper.wrapped.transformer
-            plan = self.active_plan("clip_l")
-            dtype = self.slot_dtype("clip_l", transformer)
-            if plan is None and dtype is None:
-                return original(wrapper, tokens)
-            with _own_precision(dtype, transformer):
-                z = original(wrapper, tokens) if plan is None else _hf_clip_layer(transformer, tokens, plan)
-            return _as_host_dtype(z, dtype)
+    def _tower_patch(self, tower: str, module_of: Callable[[Any], torch.nn.Module], encode: TowerEncode) -> Patch:
+        """A wrapper's ``encode_with_transformers`` that runs A1111's own code unless the generation asks
+        this tower for another layer (the plan) or another dtype; ``encode`` does the tower's part."""
 
-        return encode_with_transformers
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(original)
+            def encode_with_transformers(wrapper: Any, tokens: torch.Tensor) -> torch.Tensor:
+                module = module_of(wrapper)
+                plan, dtype = self.active_plan(tower), self.slot_dtype(tower, module)
+                if plan is None and dtype is None:
+                    return original(wrapper, tokens)
+                with _own_precision(dtype, module):
+                    z = encode(original, wrapper, tokens, plan)
+                return _as_host_dtype(z, dtype)
 
-    def _open_clip_h_patch(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(original)
-        def encode_with_transformers(wrapper: Any, tokens: torch.Tensor) -> torch.Tensor:
-            wrapped = wrapper.wrapped
-            plan = self.active_plan("clip_h")
-            dtype = self.slot_dtype("clip_h", wrapped.model)
-            if plan is None and dtype is None:
-                return original(wrapper, tokens)
-            # ldm's own loop stops layer_idx blocks before the end, then applies ln_final (SD2's LN)
-            layer_idx = None if plan is None else plan.skip - 1
-            with _own_precision(dtype, wrapped.model), _attribute(wrapped, "layer_idx", layer_idx):
-                z = original(wrapper, tokens)
-            return _as_host_dtype(z, dtype)
+            return encode_with_transformers
 
-        return encode_with_transformers
-
-    def _open_clip_g_patch(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(original)
-        def encode_with_transformers(wrapper: Any, tokens: torch.Tensor) -> torch.Tensor:
-            wrapped = wrapper.wrapped
-            plan = self.active_plan("clip_g")
-            dtype = self.slot_dtype("clip_g", wrapped.model)
-            if plan is None and dtype is None:
-                return original(wrapper, tokens)
-            with _own_precision(dtype, wrapped.model):
-                z = original(wrapper, tokens) if plan is None else _open_clip_g_layer(wrapped, tokens, plan)
-            return _as_host_dtype(z, dtype)
-
-        return encode_with_transformers
+        return make
 
     def _sd3_patch(self, original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
@@ -457,6 +431,24 @@ def _named_as_hijacked(towers: Any) -> Iterator[None]:
 
 # ---------------------------------------------------------------------------------------------
 # the encode step
+
+
+def _hf_clip_encode(original: Callable[..., Any], wrapper: Any, tokens: torch.Tensor, plan: TowerPlan | None) -> Any:
+    return original(wrapper, tokens) if plan is None else _hf_clip_layer(wrapper.wrapped.transformer, tokens, plan)
+
+
+def _open_clip_h_encode(
+    original: Callable[..., Any], wrapper: Any, tokens: torch.Tensor, plan: TowerPlan | None
+) -> Any:
+    # ldm's own loop stops layer_idx blocks before the end, then applies ln_final (SD2's LN)
+    with _attribute(wrapper.wrapped, "layer_idx", None if plan is None else plan.skip - 1):
+        return original(wrapper, tokens)
+
+
+def _open_clip_g_encode(
+    original: Callable[..., Any], wrapper: Any, tokens: torch.Tensor, plan: TowerPlan | None
+) -> Any:
+    return original(wrapper, tokens) if plan is None else _open_clip_g_layer(wrapper.wrapped, tokens, plan)
 
 
 def _hf_clip_layer(transformer: torch.nn.Module, tokens: torch.Tensor, plan: TowerPlan) -> torch.Tensor:

@@ -75,6 +75,11 @@ class _Tower:
     explicit_precision: bool
 
 
+Towers = dict[str, _Tower]  # slot -> its module and tokenizer
+Plans = dict[str, TowerPlan]  # slot -> its layer
+Embeds = dict[str, torch.Tensor]  # the pipeline's ``prompt_embeds`` / ``pooled_prompt_embeds`` / ... kwargs
+
+
 class DiffusersAdapter(HostAdapter):
     name = "diffusers"
 
@@ -248,14 +253,8 @@ class DiffusersAdapter(HostAdapter):
         return hidden, vector
 
     def _encode_sd(
-        self,
-        family: str,
-        towers: dict[str, _Tower],
-        plans: dict[str, TowerPlan],
-        prompt: str,
-        negative: str | None,
-        explicit: bool,
-    ) -> dict[str, torch.Tensor]:
+        self, family: str, towers: Towers, plans: Plans, prompt: str, negative: str | None, explicit: bool
+    ) -> Embeds:
         slot = "clip_l" if family == "sd1" else "clip_h"
         tower, plan = towers[slot], plans[slot]
         pipe = self.pipe
@@ -274,14 +273,7 @@ class DiffusersAdapter(HostAdapter):
         negative_embeds = run(negative or "", positive.shape[1])
         return {"prompt_embeds": positive, "negative_prompt_embeds": negative_embeds}
 
-    def _encode_sdxl(
-        self,
-        towers: dict[str, _Tower],
-        plans: dict[str, TowerPlan],
-        prompt: str,
-        negative: str | None,
-        explicit: bool,
-    ) -> dict[str, torch.Tensor]:
+    def _encode_sdxl(self, towers: Towers, plans: Plans, prompt: str, negative: str | None, explicit: bool) -> Embeds:
         pipe = self.pipe
         order = [s for s in ("clip_l", "clip_g") if s in towers]
 
@@ -331,14 +323,8 @@ class DiffusersAdapter(HostAdapter):
         return embeds.to(dtype=self.denoiser_dtype() if explicit else tower.model.dtype, device=device)
 
     def _encode_sd3(
-        self,
-        towers: dict[str, _Tower],
-        plans: dict[str, TowerPlan],
-        prompt: str,
-        negative: str | None,
-        explicit: bool,
-        sequence: int,
-    ) -> dict[str, torch.Tensor]:
+        self, towers: Towers, plans: Plans, prompt: str, negative: str | None, explicit: bool, sequence: int
+    ) -> Embeds:
         pipe = self.pipe
         device = pipe._execution_device
         clip_dtype = self.denoiser_dtype() if explicit else towers["clip_l"].model.dtype
@@ -366,7 +352,7 @@ class DiffusersAdapter(HostAdapter):
             "negative_pooled_prompt_embeds": negative_pooled,
         }
 
-    def _encode_flux(self, towers: dict[str, _Tower], prompt: str, sequence: int) -> dict[str, torch.Tensor]:
+    def _encode_flux(self, towers: Towers, prompt: str, sequence: int) -> Embeds:
         pipe = self.pipe
         tower = towers["clip_l"]
         ids = self._tokenize(tower, prompt, pipe.tokenizer_max_length).input_ids
