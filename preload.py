@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
 
 def _folder(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
@@ -19,12 +17,9 @@ def preload(parser: argparse.ArgumentParser) -> None:
         type=_folder,
         default=None,  # not []: argparse would append into one shared default list on every parse
         metavar="DIR",
-        help="TE Switch: an extra folder of text-encoder files (repeat for several); "
-        "models/CLIP, models/text_encoder and models/text_encoders are always scanned",
+        help="TE Switch: add a folder of text-encoder files to the 'Extra encoder folders' setting "
+        "(repeat for several); models/CLIP, models/text_encoder and models/text_encoders are always scanned",
     )
-    parser.add_argument(
-        "--te-switch-precision",
-        choices=PRECISIONS,
-        default=None,
-        help="TE Switch: precision for swapped text encoders whose precision is Auto (default: the WebUI's dtype)",
-    )
+    # removed (precision is chosen per slot): still accepted, so a command line that has it starts;
+    # ignored, with one line at start-up saying so (te_switch.webui.options.register)
+    parser.add_argument("--te-switch-precision", default=None, help=argparse.SUPPRESS)

@@ -20,14 +20,16 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # tests/synth_gguf.py writes the blocks
 
-from te_switch.core import (
+from synth_gguf import random_blocks  # noqa: E402
+
+from te_switch.core import (  # noqa: E402
     gguf_reader,  # noqa: F401  (registers the decoders)
     lowbit,
 )
-from te_switch.core.tensors import DEQUANTIZERS, PackedTensor
-from te_switch.synth_gguf import random_blocks
+from te_switch.core.tensors import DEQUANTIZERS, PackedTensor  # noqa: E402
 
 SHAPE = (10240, 4096)  # T5-XXL wi_0 / wi_1 (wo is the transpose)
 QTYPES = ("Q8_0", "Q4_K", "Q5_K", "Q6_K")

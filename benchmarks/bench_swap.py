@@ -46,7 +46,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 from te_switch.core.selection import Selection, SlotChoice
-from te_switch.hosts.diffusers import DiffusersAdapter, load_pipeline
+from te_switch.hosts.diffusers import DiffusersAdapter
+from te_switch.standalone.pipeline import load_pipeline
+from te_switch.standalone.resolver import EncoderResolver
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -121,7 +123,7 @@ def write_pipeline(folder: str, big: bool) -> None:
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig
 
-    from te_switch.tokenizers import write_clip_tokenizer
+    from te_switch.standalone.tokenizers import write_clip_tokenizer
 
     def text_encoder(sub: str, config: dict, seed: int, cls: str, projection: bool) -> None:
         os.makedirs(os.path.join(folder, sub))
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             return load_pipeline(pipeline_dir, dtype=torch.float32, device="cpu")
 
         pipe = reload()
-        adapter = DiffusersAdapter(pipe)
+        adapter = DiffusersAdapter(pipe, EncoderResolver())
         module = getattr(pipe, attr)
         params = sum(p.numel() for p in module.parameters())
         size = os.path.getsize(files[0])

@@ -1,5 +1,5 @@
 import sys
 
-from te_switch.cli import main
+from te_switch.standalone.cli import main
 
 sys.exit(main())

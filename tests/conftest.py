@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import torch
 
 if TYPE_CHECKING:
-    from te_switch.demo import Demo
+    from te_switch.standalone.demo import Demo
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/ helpers import as plain modules
 
@@ -106,11 +107,27 @@ def umt5_small() -> object:
     return rm.make_t5(64, 128, 2, 4, vocab=T5_SMALL_VOCAB, umt5=True, seed=8)
 
 
+@pytest.fixture
+def tapped_blocks(monkeypatch: pytest.MonkeyPatch) -> list[torch.nn.Module]:
+    """Every block a truncated forward (``core.clip_skip.run_to_layer``) takes its output from."""
+    from te_switch.core import clip_skip
+
+    seen: list[torch.nn.Module] = []
+
+    class Recording(clip_skip.LayerTap):
+        def __init__(self, block: torch.nn.Module, *, stop: bool) -> None:
+            super().__init__(block, stop=stop)
+            seen.append(block)
+
+    monkeypatch.setattr(clip_skip, "LayerTap", Recording)
+    return seen
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Demo:
     """The standalone demo (a tiny SD1.5 pipeline + demo encoders), built once per test session."""
-    from te_switch import demo
-    from te_switch.tokenizers import bpe_path
+    from te_switch.standalone import demo
+    from te_switch.standalone.tokenizers import bpe_path
 
     try:
         bpe_path()

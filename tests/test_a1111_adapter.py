@@ -11,7 +11,6 @@ checkpoints with real layer counts (CLIP-L 12, OpenCLIP-H 24, OpenCLIP-G 32) and
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,18 +19,15 @@ from typing import Any
 import pytest
 import refmodels as rm
 import torch
+from fakes.a1111.assets import Checkpoints, Env, clean_state, hf_from_open_clip, load
 from fakes.harness import fake_webui
 from safetensors.torch import save_file
 
-from te_switch.core.convert import openclip_to_canonical
-from te_switch.core.detect import detect
 from te_switch.core.errors import TESwitchError
 from te_switch.core.longclip import stretch_positions
-from te_switch.core.readers import open_file
 from te_switch.core.selection import Selection, SlotChoice
-from te_switch.hosts.engine import EncoderSource, SwapEngine
 from te_switch.hosts.modules import text_transformer
-from te_switch.tokenizers import write_clip_tokenizer
+from te_switch.standalone.tokenizers import write_clip_tokenizer
 
 L_WIDTH, G_WIDTH, H_WIDTH = 64, 80, 96
 PROMPT = "a red fox sitting in the snow, detailed fur, soft light"
@@ -48,117 +44,9 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(saved)
 
 
-# ---------------------------------------------------------------------------------------------
-# environment: checkpoints, models, encoder files
-
-
-class Checkpoints:
-    """Random checkpoints of every family, written once per session (inside a fake WebUI)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.paths: dict[tuple, Path] = {}
-
-    def path(self, family: str, seed: int = 0, *, t5: bool = False) -> Path:
-        key = (family, seed, t5)
-        if key not in self.paths:
-            from modules import sd_models, sd_models_config, shared
-
-            shared.opts.sd3_enable_t5 = t5
-            model = sd_models.instantiate_from_config(sd_models_config.CONFIGS[family], {})
-            rm.randomize_(model, 1000 + seed)
-            path = self.folder / f"{family}-{seed}{'-t5' if t5 else ''}.safetensors"
-            save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(path))
-            self.paths[key] = path
-        return self.paths[key]
-
-
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
     return Checkpoints(tmp_path_factory.mktemp("a1111-checkpoints"))
-
-
-class Env:
-    def __init__(self, checkpoints: Checkpoints, folder: Path) -> None:
-        self.checkpoints = checkpoints
-        self.folder = folder
-        self.sources: dict[str, EncoderSource] = {}
-
-    def info(self, family: str, seed: int = 0, *, t5: bool = False) -> Any:
-        from modules import sd_models
-
-        return sd_models.CheckpointInfo(str(self.checkpoints.path(family, seed, t5=t5)))
-
-    def load(self, family: str, seed: int = 0, *, t5: bool = False) -> Any:
-        from modules import sd_models, shared
-
-        info = self.info(family, seed, t5=t5)
-        shared.opts.sd3_enable_t5 = t5
-        return sd_models.load_model(info)
-
-    def adapter(self, *, install: bool = True) -> Any:
-        from modules import script_callbacks
-
-        from te_switch.hosts.a1111 import A1111Adapter
-
-        adapter = A1111Adapter(SwapEngine())
-        adapter.resolver = lambda slot, label: self.sources[label]
-        if install:
-            adapter.install()
-            script_callbacks.on_model_loaded(adapter.on_model_loaded)
-        return adapter
-
-    def source(self, path: Path, kind: str) -> str:
-        """Register a file under its name; the tiny towers are CLIP-L/G/H/T5-XXL in all but width."""
-        with open_file(path) as src:
-            tower = detect(src)[0]
-        self.sources[path.name] = EncoderSource(str(path), dataclasses.replace(tower, kind=kind), path.name)
-        return path.name
-
-    def clip_l_file(self, seed: int, *, positions: int = 77) -> tuple[str, torch.nn.Module]:
-        """A CLIP-L (or Long-CLIP-L) file in HF layout, and a transformers model loaded from it."""
-        import fake_thirdparty
-        from transformers import CLIPTextModel
-
-        config = fake_thirdparty.clip_text_config(max_position_embeddings=positions)
-        path = self.folder / f"clip-l-{seed}-{positions}.safetensors"
-        save_file(rm.hf_clip_canonical_sd(rm.randomize_(CLIPTextModel(config), seed)), str(path))
-        reference = CLIPTextModel(config).eval()
-        rm.load_canonical_into_hf(reference, _load(path))
-        return self.source(path, "long-clip-l" if positions > 77 else "clip-l"), reference
-
-    def open_clip_file(self, arch: str, seed: int, *, layout: str = "openclip") -> tuple[str, torch.nn.Module]:
-        """An OpenCLIP-G/H file (OpenCLIP or HF layout) and its HF reference model."""
-        import fake_thirdparty
-
-        tower = rm.randomize_(fake_thirdparty.CLIP(**fake_thirdparty.OPENCLIP_ARCHS[arch]), seed).eval()
-        sd = {k: v.detach().clone() for k, v in tower.state_dict().items()}
-        if layout == "hf":
-            sd = openclip_to_canonical({k: v for k, v in sd.items() if k != "logit_scale"})
-        path = self.folder / f"{arch}-{seed}-{layout}.safetensors"
-        save_file(sd, str(path))
-        return self.source(path, "clip-g" if "bigG" in arch else "clip-h"), hf_from_open_clip(tower)
-
-    def t5_file(self, seed: int) -> tuple[str, torch.nn.Module]:
-        from transformers import T5Config, T5EncoderModel
-
-        # the fake SD3's T5_CONFIG; built here because refmodels.make_t5 needs transformers' UMT5 (>= 4.31)
-        config = T5Config(
-            vocab_size=32128,
-            d_model=192,
-            d_kv=48,
-            d_ff=128,
-            num_layers=3,
-            num_heads=4,
-            feed_forward_proj="gated-gelu",
-            dropout_rate=0.0,
-            tie_word_embeddings=False,
-        )
-        torch.manual_seed(seed)
-        model = rm.randomize_(T5EncoderModel(config), seed).eval()
-        path = self.folder / f"t5-{seed}.safetensors"
-        save_file(rm.t5_canonical_sd(model), str(path))
-        return self.source(path, "t5-xxl"), model
 
 
 @pytest.fixture
@@ -225,36 +113,12 @@ def assert_state(before: dict[str, torch.Tensor], module: torch.nn.Module) -> No
         assert torch.equal(got, value), key
 
 
-def clean_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A live module's weights without A1111's ``EmbeddingsWithFixes`` level."""
-    return {k.replace(".wrapped.", "."): v.detach().clone() for k, v in module.state_dict().items()}
-
-
 def hf_copy(transformer: torch.nn.Module) -> torch.nn.Module:
     """A fresh transformers CLIPTextModel with a live (hijacked) model's weights."""
     from transformers import CLIPTextModel
 
     ref = CLIPTextModel(copy.deepcopy(transformer.config)).eval()
     ref.load_state_dict(clean_state(transformer))
-    return ref
-
-
-def hf_from_open_clip(tower: torch.nn.Module) -> torch.nn.Module:
-    """transformers CLIPTextModelWithProjection (gelu) holding an OpenCLIP tower's weights."""
-    from transformers import CLIPTextModelWithProjection
-
-    sd = {k: v for k, v in clean_state(tower).items() if k != "logit_scale"}
-    width = tower.positional_embedding.shape[1]
-    config = rm.hf_clip_config(
-        width,
-        len(tower.transformer.resblocks),
-        tower.transformer.resblocks[0].attn.num_heads,
-        positions=tower.positional_embedding.shape[0],
-        act="gelu",
-        proj_dim=tower.text_projection.shape[1],
-    )
-    ref = CLIPTextModelWithProjection(config).eval()
-    rm.load_canonical_into_hf(ref, openclip_to_canonical(sd))
     return ref
 
 
@@ -438,6 +302,32 @@ def test_sd2_clip_skip_against_hf_conversion(env: Env) -> None:
             assert_identical(encode(model, PROMPTS), stock)
         adapter.end()
     assert wrapper.wrapped.layer_idx == 1  # A1111's own setting is back
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sdxl-refiner"])
+def test_the_layer_shown_is_the_layer_run(env: Env, family: str, tapped_blocks: list) -> None:
+    """The effective-layer line and the truncated forward come from one plan."""
+    from te_switch.core.selection import SLOT_LABELS
+
+    model = env.load(family)
+    adapter = env.adapter()
+    blocks = {
+        n: s.module.transformer.resblocks
+        if hasattr(s.module, "positional_embedding")
+        else text_transformer(s.module).encoder.layers
+        for n, s in adapter.slots(model).items()
+    }
+    for n in (1, 3, 12):
+        selection = Selection(clip_skip=n)
+        plans = adapter.plans(selection)
+        line = adapter.describe(selection)
+        tapped_blocks.clear()
+        adapter.begin(selection)
+        encode(model, [PROMPT])
+        adapter.end()
+        assert {id(b) for b in tapped_blocks} == {id(blocks[p.tower][p.layer - 1]) for p in plans}, line
+        for p in plans:
+            assert f"{SLOT_LABELS[p.tower]} layer {p.layer}/{p.layers}" in line
 
 
 def test_scope_limits_clip_skip_to_one_sdxl_tower(env: Env) -> None:
@@ -640,7 +530,7 @@ def test_failed_swap_leaves_the_model_untouched(env: Env) -> None:
             if problem == "truncated":
                 path.write_bytes(path.read_bytes()[:-4096])
             else:
-                sd = _load(path)
+                sd = load(path)
                 sd["transformer.resblocks.30.mlp.c_fc.weight"][3, 5] = float("nan")
                 save_file(sd, str(path))
             # the good L file must not be applied either: the swap is atomic across slots
@@ -654,12 +544,6 @@ def test_failed_swap_leaves_the_model_untouched(env: Env) -> None:
         assert_state(before, model)
         assert adapter.status()["slots"]["clip_l"]["encoder"] == "Built-in"
         assert adapter.engine.epoch == 0
-
-
-def _load(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 def test_swap_keeps_lowvram_hook_ti_wrapper_and_lora_bookkeeping(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -972,7 +856,7 @@ def test_same_config_reload_restores_first_then_reapplies(env: Env) -> None:
     assert adapter.status()["slots"]["clip_l"]["encoder"] == label
     # Built-in now means the new checkpoint's encoder
     adapter.apply(Selection())
-    expected = {k: v for k, v in _load(env.checkpoints.path("sd1", 1)).items() if k.startswith("cond_stage_model.")}
+    expected = {k: v for k, v in load(env.checkpoints.path("sd1", 1)).items() if k.startswith("cond_stage_model.")}
     live = {
         f"cond_stage_model.{k}".replace(".wrapped.", "."): v
         for k, v in model.cond_stage_model.wrapped.state_dict().items()

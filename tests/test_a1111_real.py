@@ -64,8 +64,8 @@ def main() -> None:  # pragma: no cover - runs in the subprocess
     from safetensors.torch import save_file
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from te_switch.core.convert import openclip_to_canonical
     from te_switch.core.detect import detect
+    from te_switch.core.layouts import openclip_to_canonical
     from te_switch.core.readers import open_file
     from te_switch.core.selection import Selection, SlotChoice
     from te_switch.hosts.a1111 import A1111Adapter

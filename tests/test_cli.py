@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from te_switch import cli
 from te_switch.core.longclip import effective_table
+from te_switch.standalone import cli
 
 REPO = Path(__file__).resolve().parents[1]
 FF = 32  # MLP width of the slim CLIP fixtures
@@ -349,7 +349,7 @@ def test_convert_dtype_casts(tmp_path: Path, capsys: pytest.CaptureFixture[str],
 
 def test_convert_gguf_to_a_normal_fp16_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("gguf")
-    from te_switch.synth_gguf import hf_t5_to_llama_names, write_gguf
+    from synth_gguf import hf_t5_to_llama_names, write_gguf
 
     state = t5_base_state(5)
     named = hf_t5_to_llama_names(state)

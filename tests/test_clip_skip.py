@@ -16,7 +16,17 @@ import refmodels as rm
 import torch
 from torch import nn
 
-from te_switch.core.clip_skip import LayerTap, TowerPlan, block_for_skip, describe, plan, tower_skip
+from te_switch.core.clip_skip import (
+    LayerTap,
+    TowerPlan,
+    block_for_skip,
+    describe,
+    missing_layers,
+    plan,
+    run_to_layer,
+    tower_plan,
+    tower_skip,
+)
 
 # family -> [(tower, depth, native N)], final LayerNorm applied
 FAMILIES: dict[str, tuple[list[tuple[str, int, int]], bool]] = {
@@ -96,6 +106,27 @@ def test_describe(family: str, n: int | None, scope: str, line: str) -> None:
 def test_describe_note_and_empty_plans() -> None:
     assert describe("sd1", plan("sd1", None), note="host limit") == "SD1 · CLIP-L layer 12/12 · native · host limit"
     assert describe("sd1", []) == "SD1"
+
+
+def test_tower_plan_is_native_only_with_the_familys_layer_norm() -> None:
+    assert tower_plan("sdxl", "clip_l", 2) == TowerPlan("clip_l", 2, 12, False, True)
+    # A1111's "last" CLIP-L of SDXL: layer 12 with the final LN is not SDXL's native conditioning
+    assert tower_plan("sdxl", "clip_l", 1, final_ln=True) == TowerPlan("clip_l", 1, 12, True, False)
+    assert tower_plan("sdxl", "clip_l", 2, final_ln=True).native is False
+    assert tower_plan("sd1", "clip_l", 1, final_ln=True).native is True
+    assert tower_plan("sd1", "clip_l", 40).skip == 12
+
+
+def test_a_shortened_copy_cannot_reach_its_missing_layers() -> None:
+    """Forge's and diffusers' SD2 CLIP-H has 23 of 24 layers: N=1 becomes the deepest layer there, 23."""
+    assert missing_layers("clip_h", 23) == 1
+    assert missing_layers("clip_h", 24) == 0
+    assert missing_layers("clip_l", 2) == 0  # a small test tower is not a shortened CLIP-L
+    assert tower_plan("sd2", "clip_h", 1, missing=1) == TowerPlan("clip_h", 2, 24, True, True)
+    assert tower_plan("sd2", "clip_h", 5, missing=1).layer == 20
+    assert [p.layer for p in plan("sd2", 1, missing={"clip_h": 1})] == [23]
+    assert [p.layer for p in plan("sd2", 1)] == [24]
+    assert [p.layer for p in plan("sdxl", 1, missing={"clip_h": 1})] == [12, 32]  # other towers untouched
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,3 +300,41 @@ def test_layer_tap_on_openclip_resblocks() -> None:
             with LayerTap(ref.transformer.resblocks[block_for_skip(4, n)], stop=True) as tap:
                 ref(tokens)
             assert torch.equal(tap.output.permute(1, 0, 2), hidden[-n]), n
+
+
+def test_run_to_layer_returns_the_planned_block_and_stops_there(deep_clip: nn.Module) -> None:
+    tokens = rm.clip_tokens(1, 77, rm.SMALL_VOCAB, seed=6)
+    hidden = full_hidden_states(deep_clip, tokens)
+    blocks = blocks_of(deep_clip)
+    counter = CallCounter(deep_clip)
+    try:
+        with torch.no_grad():
+            out, result = run_to_layer(blocks, 3, lambda: deep_clip(input_ids=tokens), stop=True)
+            assert counter.calls == [1] * 10 + [0] * 2
+            assert result is None  # the forward was stopped
+            full, result = run_to_layer(blocks, 3, lambda: deep_clip(input_ids=tokens), stop=False)
+    finally:
+        counter.remove()
+    assert torch.equal(out, hidden[-3])
+    assert torch.equal(full, hidden[-3])
+    assert counter.calls == [2] * 10 + [1] * 2
+    assert torch.equal(
+        result.last_hidden_state, getattr(deep_clip, "text_model", deep_clip).final_layer_norm(hidden[-1])
+    )
+
+
+def test_run_to_layer_counts_in_the_original_depth_of_a_shortened_copy(deep_clip: nn.Module) -> None:
+    """11 of 12 blocks, one missing at the end: N=2 is the copy's last block, N=1 does not exist."""
+    tokens = rm.clip_tokens(1, 77, rm.SMALL_VOCAB, seed=7)
+    hidden = full_hidden_states(deep_clip, tokens)
+    blocks = blocks_of(deep_clip)[:11]
+    with torch.no_grad():
+        out, _ = run_to_layer(blocks, 2, lambda: deep_clip(input_ids=tokens), stop=True, missing=1)
+    assert torch.equal(out, hidden[-2])
+    with pytest.raises(ValueError, match="12 layers"):
+        run_to_layer(blocks, 1, lambda: deep_clip(input_ids=tokens), stop=True, missing=1)
+
+
+def test_run_to_layer_says_when_the_block_never_ran(deep_clip: nn.Module) -> None:
+    with pytest.raises(RuntimeError, match="layer 10 of the text encoder never ran"):
+        run_to_layer(blocks_of(deep_clip), 3, lambda: None, stop=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 from pathlib import Path
 
@@ -14,10 +15,11 @@ pytest.importorskip("diffusers")
 
 from PIL import Image
 
-from te_switch import cli, demo
-from te_switch.compare import read_grid
-from te_switch.core.selection import Selection, SlotChoice
-from te_switch.hosts.diffusers import format_infotext, parse_infotext, selection_from_params
+from te_switch.core import infotext
+from te_switch.core.infotext import format_infotext, parse_infotext
+from te_switch.core.selection import ALL_SLOTS, SCOPE_LABELS, Selection, SlotChoice, parse_clip_skip
+from te_switch.standalone import cli, demo
+from te_switch.standalone.compare import GRID_KEY
 
 PROMPT = 'a "quoted" cat, sitting: on a mat'
 NEGATIVE = "blurry, dark"
@@ -47,6 +49,28 @@ def grid(demo_root: demo.Demo, tmp_path_factory: pytest.TempPathFactory) -> tupl
     mp.undo()
     assert code == 0, stderr.getvalue()
     return out, stdout.getvalue(), stderr.getvalue()
+
+
+def read_grid(path: str) -> dict:
+    """The grid document of the PNG, each cell with its infotext parsed back (``params``)."""
+    with Image.open(path) as image:
+        doc = json.loads(image.text[GRID_KEY])  # type: ignore[attr-defined]
+    for cell in doc["cells"]:
+        cell["params"] = parse_infotext(cell["infotext"])
+    return doc
+
+
+def selection_from_params(params: dict) -> Selection:
+    """The Selection an infotext describes (encoder names without their hash), read with the core codec."""
+    slots = {}
+    for slot in ALL_SLOTS:
+        encoder = params.get(infotext.encoder_key(slot))
+        precision = params.get(infotext.precision_key(slot), "auto")
+        if encoder is not None or precision != "auto":
+            name = infotext.split_encoder_value(str(encoder))[0] if encoder else None
+            slots[slot] = SlotChoice(name, str(precision))
+    scope = next((s for s, label in SCOPE_LABELS.items() if params.get(infotext.SCOPE) == label), "both")
+    return Selection(parse_clip_skip(params.get(infotext.CLIP_SKIP)), scope, slots)
 
 
 def cell_pixels(path: Path, doc: dict) -> dict[tuple[int, int], np.ndarray]:
@@ -151,13 +175,8 @@ def test_infotext_round_trip_with_awkward_values() -> None:
 
 
 def test_infotext_keys_match_the_webui_side() -> None:
-    infotext = pytest.importorskip("te_switch.webui.infotext")
+    webui_infotext = pytest.importorskip("te_switch.webui.infotext")
     selection = Selection(2, "clip_l", {"clip_l": SlotChoice(None, "fp16")})
-    ours = parse_infotext(
-        format_infotext({"Prompt": "p", "Steps": 1, "Seed": 1, **_webui_entries(infotext, selection)})
-    )
+    entries = webui_infotext.entries(selection)
+    ours = parse_infotext(format_infotext({"Prompt": "p", "Steps": 1, "Seed": 1, **entries}))
     assert selection_from_params(ours) == selection
-
-
-def _webui_entries(infotext: object, selection: Selection) -> dict:
-    return infotext.entries(selection)  # type: ignore[attr-defined]

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from te_switch.core import convert
-from te_switch.core.convert import canonical_to_openclip, load_tower, openclip_to_canonical
+from te_switch.core.convert import canonical_to_openclip, load_tower
 from te_switch.core.detect import TowerInfo, detect
 from te_switch.core.errors import BadFileError, one_line
+from te_switch.core.layouts import openclip_to_canonical
 from te_switch.core.readers import open_file
 from te_switch.core.tensors import PackedTensor, dense, is_compressed, materialize, weight_dtype_name
 
@@ -693,13 +694,13 @@ def test_packed_scaled_weight_survives_openclip_split() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# GGUF (llama.cpp names from gguf-py's own tensor map; values from te_switch.synth_gguf's writer)
+# GGUF (llama.cpp names from gguf-py's own tensor map; values from tests/synth_gguf.py's writer)
 
 
 @pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0"])
 def test_gguf_t5_to_canonical(tmp_path: Path, t5_small: torch.nn.Module, qtype: str) -> None:
     pytest.importorskip("gguf")
-    from te_switch.synth_gguf import write_gguf
+    from synth_gguf import write_gguf
 
     hf = rm.t5_canonical_sd(t5_small)
     names = fm.hf_t5_to_gguf_names(hf)

@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from te_switch import demo
 from te_switch.core.detect import inspect_path
+from te_switch.standalone import demo
 
 
 def files_of(folder: str) -> dict[str, bytes]:
@@ -63,7 +63,7 @@ def test_existing_demo_is_reused(demo_root: demo.Demo, monkeypatch: pytest.Monke
     assert demo.ensure_demo(root).root == demo_root.root
     monkeypatch.setenv("TE_SWITCH_CACHE", root)
     assert demo.ensure_demo().root == demo_root.root
-    assert demo.is_demo(demo_root.pipeline)
+    assert demo._manifest(demo_root.root)["model"] == demo.DEMO_MODEL_NAME  # the manifest says what it is
 
 
 def test_creation_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from te_switch.core import readers
-from te_switch.core.detect import detect, inspect_path
+from te_switch.core.detect import T5_KINDS, detect, inspect_path
+from te_switch.core.layouts import LAYOUTS, layout_of
 from te_switch.core.readers import open_file
 
 TEXT_KINDS = {"clip-l", "long-clip-l", "clip-h", "clip-g", "t5-xxl", "t5-xl", "t5-base", "umt5-xxl"}
@@ -108,6 +109,18 @@ def test_detection_ignores_file_names(make_case: Callable[[str], Path], tmp_path
 def test_every_kind_is_covered() -> None:
     kinds = {w.kind for c in fm.CATALOGUE.values() for w in c.towers}
     assert kinds == TEXT_KINDS | {"not-a-text-encoder", "unknown"}
+
+
+def test_every_layout_has_a_fixture() -> None:
+    """A layout is one registry entry (core/layouts.py) plus its fixture: the catalogue must hold one."""
+    covered = {
+        (w.layout, "t5" if w.kind in T5_KINDS else "clip") for c in fm.CATALOGUE.values() for w in c.towers if w.layout
+    }
+    written_with_gguf = {("llama.cpp", "t5")}  # test_detect_gguf_t5 (writing GGUF needs the gguf package)
+    assert {(layout.name, layout.family) for layout in LAYOUTS} == covered | written_with_gguf
+    assert layout_of("hf", "t5").family == "t5"
+    with pytest.raises(ValueError, match="unknown layout"):
+        layout_of("diffusers-flat", "clip")
 
 
 def test_sharded_index_file_and_folder_agree(make_case: Callable[[str], Path]) -> None:
@@ -238,12 +251,12 @@ def test_inspect_path_never_raises_on_broken_gguf(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# GGUF (llama.cpp T5 names), written with te_switch.synth_gguf from names gguf-py itself maps
+# GGUF (llama.cpp T5 names), written with tests/synth_gguf.py from names gguf-py itself maps
 
 
 def test_detect_gguf_t5(tmp_path: Path) -> None:
     pytest.importorskip("te_switch.core.gguf_reader", reason="core.gguf_reader not written yet")
-    from te_switch.synth_gguf import write_gguf
+    from synth_gguf import write_gguf
 
     d, ff, layers, heads = 64, 128, 3, 4
     sd = {k: torch.randn(s) * 0.1 for k, (s, _) in fm.t5_spec(d, ff, layers, heads, vocab=fm.T5_VOCAB).items()}

@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,14 +22,27 @@ pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from te_switch import demo
 from te_switch.core.detect import inspect_path
 from te_switch.core.errors import TESwitchError
 from te_switch.core.library import EncoderLibrary
 from te_switch.core.selection import Selection, SlotChoice
-from te_switch.hosts.diffusers import DiffusersAdapter, load_pipeline, pipeline_family
+from te_switch.hosts.diffusers import DiffusersAdapter, pipeline_family
 from te_switch.hosts.engine import EncoderSource
-from te_switch.tokenizers import clip_tokenizer
+from te_switch.standalone import demo
+from te_switch.standalone.generate import generate
+from te_switch.standalone.pipeline import load_pipeline
+from te_switch.standalone.resolver import EncoderResolver
+from te_switch.standalone.tokenizers import write_clip_tokenizer
+
+
+def clip_tokenizer(folder: str, *, pad_token: str = "<|endoftext|>") -> Any:
+    """A transformers ``CLIPTokenizer`` made offline (written to ``folder`` first if it is not there)."""
+    from transformers import CLIPTokenizer
+
+    if not os.path.isfile(os.path.join(folder, "vocab.json")):
+        write_clip_tokenizer(folder, pad_token=pad_token)
+    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+
 
 CPU = torch.device("cpu")
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
@@ -39,7 +53,7 @@ LONG_PROMPT = " ".join(["a red apple on a wooden table beside a window"] * 22)  
 @pytest.fixture(scope="module")
 def sd1(demo_root: demo.Demo) -> Iterator[DiffusersAdapter]:
     pipe = demo.load_demo_pipeline(demo_root)
-    adapter = DiffusersAdapter(pipe, EncoderLibrary([demo_root.encoders]))
+    adapter = DiffusersAdapter(pipe, EncoderResolver(EncoderLibrary([demo_root.encoders])))
     yield adapter
     adapter.apply(Selection())
 
@@ -137,6 +151,25 @@ def test_clip_skip_stops_the_forward_at_the_chosen_layer(adapter: DiffusersAdapt
     assert calls == [2] * 9 + [0] * 3  # blocks 10-12 never ran, for the prompt nor the negative
 
 
+@pytest.mark.parametrize("pipeline", ["sd1", "sdxl", "sd2"])
+def test_the_layer_shown_is_the_layer_run(pipeline: str, request: pytest.FixtureRequest, tapped_blocks: list) -> None:
+    """The effective-layer line and the truncated forward come from one plan (SD2's 23 layers included)."""
+    from te_switch.core.selection import SLOT_LABELS
+    from te_switch.hosts.modules import hf_clip_blocks
+
+    host: DiffusersAdapter = request.getfixturevalue(pipeline)
+    blocks = {n: hf_clip_blocks(s.module) for n, s in host.slots(host.pipe).items()}
+    for n in (1, 2, 3, 12):
+        selection = Selection(clip_skip=n)
+        plans = host.plans(selection)
+        line = host.describe(selection)
+        tapped_blocks.clear()
+        host.encode(selection, PROMPT, NEGATIVE)
+        assert {id(b) for b in tapped_blocks} == {id(blocks[p.tower][p.layer - 1]) for p in plans}, line
+        for p in plans:
+            assert f"{SLOT_LABELS[p.tower]} layer {p.layer}/{p.layers}" in line
+
+
 def bad_files(folder: Path, good: dict[str, torch.Tensor]) -> list[tuple[Path, str]]:
     """Encoder files that must be refused: (path, a word the one-line error must contain)."""
     nan = dict(good)
@@ -164,7 +197,7 @@ def test_swap_failed_swap_and_restore_are_bit_identical(adapter: DiffusersAdapte
     auto = adapter.encode(Selection(), PROMPT, NEGATIVE)
     alt = Selection(clip_skip=2, slots={"clip_l": SlotChoice("clip-l-alt.safetensors")})
 
-    result = adapter.generate(alt, PROMPT, NEGATIVE, seed=5, steps=1, size=64)
+    result = generate(adapter, alt, PROMPT, NEGATIVE, seed=5, steps=1, size=64)
     assert result.image.size == (64, 64)
     lines = result.infotext.split("\n")
     assert lines[:2] == [PROMPT, f"Negative prompt: {NEGATIVE}"]
@@ -188,7 +221,7 @@ def test_swap_failed_swap_and_restore_are_bit_identical(adapter: DiffusersAdapte
         assert_same_state(swapped, text_encoder_state(pipe))
 
     # Built-in at another precision, then Built-in: the checkpoint's own tensors and dtypes, bit for bit
-    fp16 = adapter.generate(Selection(slots={"clip_l": SlotChoice(None, "fp16")}), PROMPT, seed=5, steps=1, size=64)
+    fp16 = generate(adapter, Selection(slots={"clip_l": SlotChoice(None, "fp16")}), PROMPT, seed=5, steps=1, size=64)
     assert pipe.text_encoder.dtype == torch.float16
     assert "TE CLIP-L precision: fp16" in fp16.infotext
     assert "TE CLIP-L:" not in fp16.infotext
@@ -267,7 +300,7 @@ def hf_clip(config: CLIPTextConfig, state: dict[str, torch.Tensor]) -> CLIPTextM
 
 def test_fp32_slot_computes_in_fp32_and_casts_to_the_unet_dtype(demo_root: demo.Demo) -> None:
     pipe = load_pipeline(demo_root.pipeline, dtype=torch.bfloat16, device="cpu")
-    adapter = DiffusersAdapter(pipe)
+    adapter = DiffusersAdapter(pipe, EncoderResolver())
     before = text_encoder_state(pipe)
     reference = hf_clip(pipe.text_encoder.config, {k: v.float() for k, v in pipe.text_encoder.state_dict().items()})
     ids = pipe.tokenizer(PROMPT, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -349,7 +382,7 @@ def sdxl(tmp_path_factory: pytest.TempPathFactory) -> DiffusersAdapter:
         scheduler=EulerDiscreteScheduler(),
     )
     pipe.set_progress_bar_config(disable=True)
-    return DiffusersAdapter(pipe)
+    return DiffusersAdapter(pipe, EncoderResolver())
 
 
 SDXL_KEYS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
@@ -392,7 +425,7 @@ def test_sdxl_scope_and_generate(sdxl: DiffusersAdapter) -> None:
     native = sdxl.encode(Selection(), PROMPT, NEGATIVE)["prompt_embeds"]
     assert torch.equal(only_g[..., :32], native[..., :32])  # CLIP-L stays at its native layer
     assert not torch.equal(only_g[..., 32:], native[..., 32:])
-    result = sdxl.generate(Selection(clip_skip=3), PROMPT, NEGATIVE, seed=1, steps=1, size=64)
+    result = generate(sdxl, Selection(clip_skip=3), PROMPT, NEGATIVE, seed=1, steps=1, size=64)
     assert result.image.size == (64, 64)
     assert "Clip skip: 3" in result.infotext
 
@@ -407,7 +440,7 @@ def test_sdxl_refiner_family() -> None:
         tokenizer=None, tokenizer_2=None, unet=unet, scheduler=EulerDiscreteScheduler(), requires_aesthetics_score=True,
     )  # fmt: skip
     assert pipeline_family(pipe) == "sdxl-refiner"
-    assert list(DiffusersAdapter(pipe).slots(pipe)) == ["clip_g"]
+    assert list(DiffusersAdapter(pipe, EncoderResolver()).slots(pipe)) == ["clip_g"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,7 +458,7 @@ def sd2(tmp_path_factory: pytest.TempPathFactory) -> DiffusersAdapter:
         tokenizer=clip_tokenizer(str(folder), pad_token="!"), unet=tiny_unet(32, sdxl=False),
         scheduler=EulerDiscreteScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
-    return DiffusersAdapter(pipe)
+    return DiffusersAdapter(pipe, EncoderResolver())
 
 
 def test_sd2_counts_clip_skip_in_the_original_24_layers(sd2: DiffusersAdapter, tmp_path: Path) -> None:
@@ -519,7 +552,7 @@ def test_sd3_clip_skip_on_both_towers_and_t5_untouched(tmp_path: Path) -> None:
         tokenizer_2=clip_tokenizer(str(tmp_path / "g"), pad_token="!"),
         text_encoder_3=t5, tokenizer_3=t5_tokenizer,
     )  # fmt: skip
-    adapter = DiffusersAdapter(pipe)
+    adapter = DiffusersAdapter(pipe, EncoderResolver())
     assert (adapter.family(pipe), list(adapter.slots(pipe))) == ("sd3", ["clip_l", "clip_g", "t5xxl"])
     with torch.no_grad():
         theirs = pipe.encode_prompt(PROMPT, None, None, device=CPU, negative_prompt=NEGATIVE)
@@ -557,7 +590,7 @@ def test_flux_clip_skip_has_no_effect(tmp_path: Path) -> None:
             num_attention_heads=2, joint_attention_dim=96, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
         ),
     )  # fmt: skip
-    adapter = DiffusersAdapter(pipe)
+    adapter = DiffusersAdapter(pipe, EncoderResolver())
     assert adapter.describe(Selection(clip_skip=3)) == "Flux uses only CLIP-L's pooled output: clip skip has no effect"
     with torch.no_grad():
         theirs = pipe.encode_prompt(PROMPT, None, device=CPU, max_sequence_length=64)
@@ -595,7 +628,7 @@ def test_load_pipeline_says_what_to_provide(tmp_path: Path, demo_root: demo.Demo
 def test_sd1_single_files_get_the_built_in_config(tmp_path: Path) -> None:
     import filemakers as fm
 
-    from te_switch.hosts.diffusers import SD15_CONFIG, _check_model_folder, builtin_config, single_file_architecture
+    from te_switch.standalone.pipeline import SD15_CONFIG, _check_model_folder, builtin_config, single_file_architecture
 
     clip_l = fm.hf_clip_spec(768, 12)
     sd1 = fm.write_sparse_safetensors(

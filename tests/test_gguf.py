@@ -19,12 +19,13 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
+from synth_gguf import hf_t5_to_llama_names, random_blocks, write_gguf  # noqa: E402
+
 from te_switch.core import dequant  # noqa: E402
 from te_switch.core.errors import BadFileError  # noqa: E402
 from te_switch.core.gguf_reader import NEED_GGUF, GGUFSource  # noqa: E402
 from te_switch.core.readers import open_file  # noqa: E402
 from te_switch.core.tensors import DEQUANTIZERS, PackedTensor  # noqa: E402
-from te_switch.synth_gguf import hf_t5_to_llama_names, random_blocks, write_gguf  # noqa: E402
 
 QTYPES = list(dequant.TORCH_DECODERS)
 SMALL_CHUNK = 1024

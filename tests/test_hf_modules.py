@@ -13,7 +13,8 @@ import refmodels as rm
 import torch
 from torch import nn
 
-from te_switch.core.convert import canonical_to_openclip, openclip_to_canonical
+from te_switch.core.convert import canonical_to_openclip
+from te_switch.core.layouts import openclip_to_canonical
 from te_switch.core.longclip import causal_mask
 from te_switch.core.selection import KINDS_BY_SLOT
 from te_switch.hosts.modules import (

@@ -16,7 +16,6 @@ from te_switch.webui.args import (
     selection_from_args,
     selection_from_dict,
     strip_decoration,
-    with_default_precision,
 )
 
 
@@ -105,13 +104,3 @@ def test_forced_xyz_values_win_including_auto_and_builtin() -> None:
     assert force(sel, {"scope": "CLIP-G only", "clip_skip": 5}) == Selection(5, "clip_g", sel.slots)
     with pytest.raises(ArgsError, match="unknown key"):
         force(sel, {"vae": "x"})
-
-
-def test_default_precision_only_for_swapped_slots() -> None:
-    sel = Selection(None, "both", {"clip_l": SlotChoice("a.safetensors"), "clip_g": SlotChoice(None, "fp16"),
-                                   "t5xxl": SlotChoice("t.gguf", "bf16")})  # fmt: skip
-    out = with_default_precision(sel, "fp32")
-    assert out.slot("clip_l").precision == "fp32"
-    assert out.slot("clip_g") == SlotChoice(None, "fp16")
-    assert out.slot("t5xxl").precision == "bf16"
-    assert with_default_precision(sel, None) == sel

@@ -21,7 +21,6 @@ def test_options_registered_with_defaults(webui: dict[str, Path]) -> None:  # no
     expected = {
         "te_switch_clip_skip": "Auto",
         "te_switch_scope": "both",
-        "te_switch_tab_from_global": True,
         "te_switch_quicksettings": False,
         "te_switch_per_checkpoint": False,
         "te_switch_extra_dirs": "",
@@ -97,3 +96,35 @@ def test_global_selection(webui: dict[str, Path]) -> None:  # noqa: F811
     assert options.global_selection() == Selection(
         3, "clip_g", {"clip_l": SlotChoice("x.safetensors"), "t5xxl": SlotChoice(None, "bf16")}
     )
+
+
+def test_flags_and_removed_settings_migrate(
+    webui: dict[str, Path],  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """--te-switch-dir joins the Extra encoder folders setting (one mechanism, shown to the user); a saved
+    te_switch_tab_from_global is dropped; --te-switch-precision is ignored with one line."""
+    from modules import shared
+
+    from te_switch.webui import library, options
+
+    flag_dir, typed_dir = tmp_path / "flag", tmp_path / "typed"
+    shared.opts.data["te_switch_extra_dirs"] = str(typed_dir)
+    shared.opts.data["te_switch_tab_from_global"] = False  # saved by an earlier version
+    shared.cmd_opts.te_switch_dir = [str(flag_dir)]
+    shared.cmd_opts.te_switch_precision = "fp32"
+    try:
+        options.register()
+        assert shared.opts.data["te_switch_extra_dirs"].splitlines() == [str(typed_dir), str(flag_dir)]
+        assert "te_switch_tab_from_global" not in shared.opts.data
+        assert "--te-switch-precision is no longer supported" in capsys.readouterr().out
+        options.register()  # again (a UI reload): the folder is not added twice
+        assert shared.opts.data["te_switch_extra_dirs"].splitlines() == [str(typed_dir), str(flag_dir)]
+        folders = library.encoder_folders()
+        assert folders[-2:] == [str(typed_dir), str(flag_dir)]
+        shared.cmd_opts.te_switch_dir = []
+        assert library.encoder_folders()[-2:] == [str(typed_dir), str(flag_dir)]  # the setting holds it now
+    finally:
+        shared.cmd_opts.te_switch_dir = []
+        shared.cmd_opts.te_switch_precision = None

@@ -237,18 +237,18 @@ def test_no_supported_host(webui: dict[str, Path]) -> None:  # noqa: F811
 def test_per_checkpoint_memory(host: FakeHost, webui: dict[str, Path]) -> None:  # noqa: F811
     from modules import shared
 
-    from te_switch.webui import memory
+    from te_switch.webui import runtime
 
     write_clip(webui["clip"] / "a.safetensors")
     generate([False, 2, "both", "a.safetensors"])
-    assert memory.recall_current() is None  # off by default
+    assert runtime.remembered_panel() is None  # off by default
     shared.opts.set("te_switch_per_checkpoint", True)
     generate([False, 2, "both", "a.safetensors"])
     stored = json.loads((webui["cache"] / "checkpoints.json").read_text())
     assert stored["checkpoints"]["model-a.safetensors"]["hash"] == "abcdef0123"
-    assert memory.recall_current() == Selection(2, "both", {"clip_l": SlotChoice("a.safetensors")})
+    assert runtime.remembered_panel() == Selection(2, "both", {"clip_l": SlotChoice("a.safetensors")})
     generate(NEUTRAL, xyz={"clip_skip": 4})  # X/Y/Z cells are not "what the user chose"
-    assert memory.recall_current().clip_skip == 2
+    assert runtime.remembered_panel().clip_skip == 2
 
 
 def test_nested_generation_hands_the_model_back(host: FakeHost, webui: dict[str, Path]) -> None:  # noqa: F811

@@ -151,7 +151,7 @@ class FakeHost(HostAdapter):
         self.requested = selection
         return list(sources)
 
-    def after_swap(self, model: Any, changed: list[str]) -> None:
+    def after_swap(self, model: Any) -> None:
         pass
 
     def begin(self, selection: Selection) -> None:

@@ -1,4 +1,4 @@
-"""CLIP skip semantics (DESIGN.md) and the truncated forward that serves them.
+"""CLIP skip semantics (docs/DESIGN.md) and the truncated forward that serves them.
 
 Clip skip N on a tower means: condition on HF ``hidden_states[-N]`` — the output of block
 ``layers - N + 1`` (1-based). SD1/SD2 then apply the final layer norm, SDXL/SD3 do not. Pooled
@@ -7,8 +7,10 @@ vectors always come from the last layer; T5 is never skipped.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TypeVar
 
 import torch
 
@@ -26,6 +28,11 @@ NATIVE_SKIP: dict[str, dict[str, int]] = {
 }
 FINAL_LAYER_NORM = {"sd1": True, "sd2": True, "sdxl": False, "sdxl-refiner": False, "sd3": False, "flux": True}
 POOLED_ONLY_FAMILIES = ("flux",)  # CLIP hidden states are discarded; only the pooled vector is used
+# towers a host may hold without their last blocks: SD2's CLIP-H is 23 of OpenCLIP-H's 24 layers in
+# Forge and diffusers (A1111 keeps all 24)
+SHORTENED_TOWERS = ("clip_h",)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -59,13 +66,38 @@ def tower_skip(family: str, tower: str, clip_skip: int | None, scope: str = "bot
     return max(1, min(int(clip_skip), TOWER_LAYERS[tower]))
 
 
-def plan(family: str, clip_skip: int | None, scope: str = "both") -> list[TowerPlan]:
-    """The layer every CLIP tower of ``family`` uses for this clip skip (DESIGN semantics)."""
-    out = []
-    for tower in clip_towers(family):
-        n = tower_skip(family, tower, clip_skip, scope)
-        out.append(TowerPlan(tower, n, TOWER_LAYERS[tower], FINAL_LAYER_NORM[family], n == NATIVE_SKIP[family][tower]))
-    return out
+def missing_layers(tower: str, blocks: int) -> int:
+    """Final blocks a host's copy of ``tower`` lacks (1 for SD2's 23-layer CLIP-H), so N counts in the original."""
+    full = TOWER_LAYERS.get(tower, blocks)
+    return full - blocks if tower in SHORTENED_TOWERS and blocks < full else 0
+
+
+def tower_plan(family: str, tower: str, skip: int, *, final_ln: bool | None = None, missing: int = 0) -> TowerPlan:
+    """The one way to build a :class:`TowerPlan`: N=``skip`` on ``tower`` of ``family``.
+
+    ``final_ln`` defaults to the family's convention (a host may report its own); ``missing`` is
+    :func:`missing_layers` of the host's copy: an N its copy cannot reach becomes the deepest it can.
+    ``native`` is true when the layer and the layer norm are what the family uses without clip skip.
+    """
+    layers = TOWER_LAYERS[tower]
+    skip = min(max(int(skip), missing + 1), layers)
+    ln = FINAL_LAYER_NORM[family] if final_ln is None else bool(final_ln)
+    native = skip == NATIVE_SKIP[family][tower] and ln == FINAL_LAYER_NORM[family]
+    return TowerPlan(tower, skip, layers, ln, native)
+
+
+def plan(
+    family: str, clip_skip: int | None, scope: str = "both", *, missing: Mapping[str, int] | None = None
+) -> list[TowerPlan]:
+    """The layer every CLIP tower of ``family`` uses for this clip skip (DESIGN semantics).
+
+    ``missing``: per tower, the final blocks the host's copy lacks (see :func:`missing_layers`).
+    """
+    missing = missing or {}
+    return [
+        tower_plan(family, tower, tower_skip(family, tower, clip_skip, scope), missing=missing.get(tower, 0))
+        for tower in clip_towers(family)
+    ]
 
 
 def describe(family: str, plans: list[TowerPlan], *, note: str | None = None) -> str:
@@ -136,3 +168,23 @@ def block_for_skip(num_blocks: int, skip: int, *, layer_offset: int = 0) -> int:
     if not 0 <= index < num_blocks:
         raise ValueError(f"clip skip {skip} is out of range for a tower of {num_blocks + layer_offset} layers")
     return index
+
+
+def run_to_layer(
+    blocks: Sequence[torch.nn.Module], skip: int, forward: Callable[[], T], *, stop: bool, missing: int = 0
+) -> tuple[torch.Tensor, T | None]:
+    """The one truncated CLIP forward: run ``forward()`` and return the output of the block that
+    ``hidden_states[-skip]`` comes from, with what ``forward`` returned (None when it was stopped).
+
+    ``blocks`` are the tower's blocks as the host holds them (HF ``encoder.layers``, OpenCLIP
+    ``transformer.resblocks``); ``missing`` the final blocks that copy lacks. With ``stop`` the blocks
+    after the chosen one never run — unless the caller needs the same forward's pooled vector. Call
+    the tower itself inside ``forward`` (not its submodules), so the host's hooks still fire.
+    """
+    index = block_for_skip(len(blocks), skip, layer_offset=missing)
+    result = None
+    with LayerTap(blocks[index], stop=stop) as tap:
+        result = forward()
+    if tap.output is None:
+        raise RuntimeError(f"layer {index + 1 + missing} of the text encoder never ran")
+    return tap.output, result

@@ -1,8 +1,8 @@
 """Turn any recognised tower into canonical tensors, and canonical CLIP into OpenCLIP layout.
 
-Canonical names are HF ``CLIPTextModel`` / ``T5EncoderModel`` names (docs/ARCHITECTURE.md).
-Every rename is an explicit table; splits and fusions are exact, so OpenCLIP → canonical →
-OpenCLIP returns the same bytes.
+Canonical names are HF ``CLIPTextModel`` / ``T5EncoderModel`` names (docs/ARCHITECTURE.md). The
+stored key schemes and their rename tables are ``core.layouts``; splits and fusions are exact, so
+OpenCLIP → canonical → OpenCLIP returns the same bytes.
 """
 
 from __future__ import annotations
@@ -14,90 +14,22 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from te_switch.core.detect import QUANT_SIDE_SUFFIXES, TowerInfo, tower_keys
+from te_switch.core.detect import QUANT_SIDE_SUFFIXES, TowerInfo
 from te_switch.core.errors import BadFileError, TESwitchError
+from te_switch.core.layouts import (
+    CANONICAL_PROJECTION,
+    OPENCLIP_BLOCK,
+    OPENCLIP_FUSED,
+    OPENCLIP_RAW_PROJECTION,
+    OPENCLIP_TOP,
+    layout_of,
+    transpose,
+)
 from te_switch.core.readers import TensorSource
 from te_switch.core.tensors import PackedTensor, Weight, all_finite, dense, materialize
 
 # ---------------------------------------------------------------------------------------------
-# tables
-
-# OpenAI / OpenCLIP text tower (bare names) -> canonical
-OPENCLIP_TOP = {
-    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
-    "positional_embedding": "text_model.embeddings.position_embedding.weight",
-    "ln_final.weight": "text_model.final_layer_norm.weight",
-    "ln_final.bias": "text_model.final_layer_norm.bias",
-}
-# per residual block: transformer.resblocks.{i}.<left>  ->  text_model.encoder.layers.{i}.<right>
-OPENCLIP_BLOCK = {
-    "ln_1.weight": "layer_norm1.weight",
-    "ln_1.bias": "layer_norm1.bias",
-    "ln_2.weight": "layer_norm2.weight",
-    "ln_2.bias": "layer_norm2.bias",
-    "attn.out_proj.weight": "self_attn.out_proj.weight",
-    "attn.out_proj.bias": "self_attn.out_proj.bias",
-    "mlp.c_fc.weight": "mlp.fc1.weight",
-    "mlp.c_fc.bias": "mlp.fc1.bias",
-    "mlp.c_proj.weight": "mlp.fc2.weight",
-    "mlp.c_proj.bias": "mlp.fc2.bias",
-}
-# fused attention input projection, split into thirds in q, k, v order
-OPENCLIP_FUSED = {
-    "attn.in_proj_weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-    "attn.in_proj_bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
-}
-# OpenAI stores `x @ P`; HF stores Linear(P.T)
-OPENCLIP_RAW_PROJECTION = "text_projection"
-CANONICAL_PROJECTION = "text_projection.weight"
-
-# llama.cpp (GGUF) T5 encoder names -> canonical (shapes are already torch order from the reader)
-GGUF_T5_TOP = {
-    "token_embd.weight": "shared.weight",
-    "enc.output_norm.weight": "encoder.final_layer_norm.weight",
-}
-# per block: enc.blk.{i}.<left>  ->  encoder.block.{i}.<right>
-GGUF_T5_BLOCK = {
-    "attn_q.weight": "layer.0.SelfAttention.q.weight",
-    "attn_k.weight": "layer.0.SelfAttention.k.weight",
-    "attn_v.weight": "layer.0.SelfAttention.v.weight",
-    "attn_o.weight": "layer.0.SelfAttention.o.weight",
-    "attn_rel_b.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
-    "attn_norm.weight": "layer.0.layer_norm.weight",
-    "ffn_gate.weight": "layer.1.DenseReluDense.wi_0.weight",
-    "ffn_up.weight": "layer.1.DenseReluDense.wi_1.weight",
-    "ffn_down.weight": "layer.1.DenseReluDense.wo.weight",
-    "ffn_norm.weight": "layer.1.layer_norm.weight",
-}
-
-LONG_CLIP_KEEP = 20  # Long-CLIP keeps the first 20 positions of the original table
-_BLOCK = re.compile(r"^(transformer\.resblocks|enc\.blk)\.(\d+)\.(.+)$")
-
-
-# ---------------------------------------------------------------------------------------------
-# small exact operations on weights that may be packed
-
-
-def _split_rows(w: Weight, parts: int) -> list[Weight]:
-    """Split along the output dimension; packed weights split their block rows (exact)."""
-    if isinstance(w, PackedTensor):
-        rows = w.shape[0] // parts
-        raws = w.raw.split(w.raw.shape[0] // parts, dim=0)
-        scale = w.scale
-        scales: list[torch.Tensor | None]
-        if scale is not None and scale.numel() > 1:
-            scales = list(scale.split(scale.shape[0] // parts, dim=0))
-        else:
-            scales = [scale] * parts
-        return [
-            PackedTensor(w.qtype, r, torch.Size((rows, *w.shape[1:])), s) for r, s in zip(raws, scales, strict=True)
-        ]
-    return list(w.chunk(parts, dim=0))
-
-
-def _transpose(w: Weight) -> torch.Tensor:
-    # plain tensors keep their stored dtype (fp8 included) so layout round trips stay bit-exact
-    return (dense(w) if isinstance(w, PackedTensor) else w).t().contiguous()
+# folding training-time and quantisation forms into plain weights
 
 
 def fold_gmp(sd: Mapping[str, Weight]) -> dict[str, Weight]:
@@ -147,96 +79,36 @@ def fold_scaled_fp8(sd: Mapping[str, Weight]) -> dict[str, Weight]:
 # layout conversions (bare names, no prefix)
 
 
-def openclip_to_canonical(sd: Mapping[str, Weight]) -> dict[str, Weight]:
-    """OpenAI/OpenCLIP text tower → canonical. Long-CLIP's ``positional_embedding_res`` is merged."""
-    out: dict[str, Weight] = {}
-    for key, value in sd.items():
-        if key in OPENCLIP_TOP:
-            out[OPENCLIP_TOP[key]] = value
-        elif key == OPENCLIP_RAW_PROJECTION:
-            out[CANONICAL_PROJECTION] = _transpose(value)
-        elif key == CANONICAL_PROJECTION:
-            out[CANONICAL_PROJECTION] = value  # already a Linear weight (some re-exports)
-        elif key == "positional_embedding_res":
-            continue  # merged below
-        elif m := _BLOCK.match(key):
-            i, rest = m.group(2), m.group(3)
-            head = f"text_model.encoder.layers.{i}."
-            if rest in OPENCLIP_BLOCK:
-                out[head + OPENCLIP_BLOCK[rest]] = value
-            elif rest in OPENCLIP_FUSED:
-                for name, part in zip(OPENCLIP_FUSED[rest], _split_rows(value, 3), strict=True):
-                    out[head + name] = part
-            else:
-                out[key] = value  # left for the completeness check to report
-        else:
-            out[key] = value
-    if "positional_embedding_res" in sd:
-        # Long-CLIP adds pe*mask1 + pe_res*mask2: rows <20 from pe, rows >=20 from pe_res
-        pe = dense(sd["positional_embedding"])
-        res = dense(sd["positional_embedding_res"])
-        out[OPENCLIP_TOP["positional_embedding"]] = torch.cat([pe[:LONG_CLIP_KEEP], res[LONG_CLIP_KEEP:]], dim=0)
-    return out
-
-
 def canonical_to_openclip(sd: Mapping[str, Weight]) -> dict[str, Weight]:
-    """Canonical CLIP → OpenCLIP layout (what A1111's SDXL CLIP-G and SD2 CLIP-H modules hold)."""
+    """Canonical CLIP → OpenCLIP layout (what A1111's SDXL CLIP-G and SD2 CLIP-H modules hold).
+
+    The exact inverse of ``layouts.openclip_to_canonical``: the same tables read backwards; q, k and v
+    are fused again into ``in_proj``.
+    """
     top = {v: k for k, v in OPENCLIP_TOP.items()}
+    top[CANONICAL_PROJECTION] = OPENCLIP_RAW_PROJECTION
     block = {v: k for k, v in OPENCLIP_BLOCK.items()}
     fused_parts = {part: (fused, idx) for fused, parts in OPENCLIP_FUSED.items() for idx, part in enumerate(parts)}
+    layer = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.(.+)$")
     out: dict[str, Weight] = {}
     pending: dict[tuple[str, str], list[Weight | None]] = {}
-    layer = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.(.+)$")
     for key, value in sd.items():
-        if key in top:
-            out[top[key]] = value
-        elif key == CANONICAL_PROJECTION:
-            out[OPENCLIP_RAW_PROJECTION] = _transpose(value)
-        elif m := layer.match(key):
-            i, rest = m.group(1), m.group(2)
-            head = f"transformer.resblocks.{i}."
-            if rest in block:
-                out[head + block[rest]] = value
-            elif rest in fused_parts:
-                fused, idx = fused_parts[rest]
-                pending.setdefault((head, fused), [None, None, None])[idx] = value
-            else:
-                raise KeyError(f"no OpenCLIP name for {key}")
+        m = layer.match(key)
+        rest = m.group(2) if m else ""
+        if m is None and key in top:
+            # OpenAI keeps the projection as the raw `x @ P` matrix: HF's Linear weight transposed
+            out[top[key]] = transpose(value) if key == CANONICAL_PROJECTION else value
+        elif m is not None and rest in block:
+            out[f"transformer.resblocks.{m.group(1)}.{block[rest]}"] = value
+        elif m is not None and rest in fused_parts:
+            fused, idx = fused_parts[rest]
+            pending.setdefault((f"transformer.resblocks.{m.group(1)}.", fused), [None, None, None])[idx] = value
         else:
             raise KeyError(f"no OpenCLIP name for {key}")
     for (head, fused), parts in pending.items():
         if any(p is None for p in parts):
             raise KeyError(f"{head}{fused}: q, k and v are not all present")
         out[head + fused] = torch.cat([dense(p) if isinstance(p, PackedTensor) else p for p in parts], dim=0)  # type: ignore[misc]
-    return out
-
-
-def hf_flat_to_canonical(sd: Mapping[str, Weight]) -> dict[str, Weight]:
-    """transformers ≥ 5.6 / old SD1 names (``embeddings.*``) → canonical (``text_model.embeddings.*``)."""
-    return {(k if k.startswith("text_projection") else "text_model." + k): v for k, v in sd.items()}
-
-
-def gguf_t5_to_canonical(sd: Mapping[str, Weight]) -> dict[str, Weight]:
-    out: dict[str, Weight] = {}
-    for key, value in sd.items():
-        if key in GGUF_T5_TOP:
-            out[GGUF_T5_TOP[key]] = value
-        elif (m := _BLOCK.match(key)) and m.group(3) in GGUF_T5_BLOCK:
-            out[f"encoder.block.{m.group(2)}.{GGUF_T5_BLOCK[m.group(3)]}"] = value
-        else:
-            out[key] = value
-    # non-gated T5 1.0 has only ffn_up: it is `wi`, not `wi_1`
-    if not any(k.endswith(".wi_0.weight") for k in out):
-        out = {k.replace(".DenseReluDense.wi_1.", ".DenseReluDense.wi."): v for k, v in out.items()}
-    return out
-
-
-def t5_to_canonical(sd: Mapping[str, Weight]) -> dict[str, Weight]:
-    """HF T5 names: ``encoder.embed_tokens.weight`` is the tied ``shared.weight``."""
-    out = dict(sd)
-    embed = out.pop("encoder.embed_tokens.weight", None)
-    if "shared.weight" not in out and embed is not None:
-        out["shared.weight"] = embed
     return out
 
 
@@ -348,21 +220,13 @@ def load_tower(src: TensorSource, tower: TowerInfo, *, check: bool = True) -> di
     if not tower.usable and check:
         raise BadFileError(src.path, tower.error or tower.note or f"not a usable text encoder ({tower.kind})")
     p = tower.prefix
-    local = {k[len(p) :]: src.load(k) for k in tower_keys(src.keys(), p, tower.layout or "")}
+    layout = layout_of(tower.layout, tower.family)
+    local = {k[len(p) :]: src.load(k) for k in layout.keys(src.keys(), p)}
     try:
         local = fold_gmp(fold_scaled_fp8(local))
     except ValueError as e:
         raise BadFileError(src.path, str(e)) from None
-    if tower.layout == "openclip":
-        sd = openclip_to_canonical(local)
-    elif tower.layout == "hf-flat":
-        sd = hf_flat_to_canonical(local)
-    elif tower.layout == "llama.cpp":
-        sd = gguf_t5_to_canonical(local)
-    elif tower.family == "t5":
-        sd = t5_to_canonical(local)
-    else:
-        sd = dict(local)
+    sd = layout.to_canonical(local)
     # derived or unused: adapters write arange(positions) themselves; logit_scale is CLIP's loss temperature
     sd = {k: v for k, v in sd.items() if not k.endswith(("position_ids", "logit_scale"))}
     if check:

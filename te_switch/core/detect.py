@@ -7,11 +7,11 @@ headers only and returns one :class:`TowerInfo` per text-encoder tower found.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from te_switch.core.errors import BadFileError, TESwitchError, one_line
+from te_switch.core.layouts import ANCHOR_SUFFIXES, LAYOUTS, Layout
 from te_switch.core.readers import TensorSource, open_file
 
 KINDS = (
@@ -49,18 +49,6 @@ TOWER_PREFIXES: dict[str, str] = {
     "text_encoder_3.": "t5xxl",
 }
 
-# one anchor key per (layout, family); the group before it is the tower's prefix ('' or ends with '.')
-_ANCHORS: list[tuple[str, str, re.Pattern[str]]] = [
-    ("hf", "clip", re.compile(r"^((?:.*\.)?)text_model\.encoder\.layers\.0\.self_attn\.q_proj\.weight$")),
-    ("hf-flat", "clip", re.compile(r"^((?:.*\.)?)encoder\.layers\.0\.self_attn\.q_proj\.weight$")),
-    ("openclip", "clip", re.compile(r"^((?:.*\.)?)transformer\.resblocks\.0\.attn\.in_proj_weight$")),
-    ("hf", "t5", re.compile(r"^((?:.*\.)?)encoder\.block\.0\.layer\.0\.SelfAttention\.q\.weight$")),
-    ("llama.cpp", "t5", re.compile(r"^((?:.*\.)?)enc\.blk\.0\.attn_q\.weight$")),
-]
-# every anchor key ends like one of these: a cheap filter before the regexes
-_ANCHOR_SUFFIXES = ("self_attn.q_proj.weight", "attn.in_proj_weight", "SelfAttention.q.weight", "attn_q.weight")
-_VISION_PREFIX = re.compile(r"(^|\.)(visual|vision_model|vision_tower|image_encoder)\.$")
-
 # keys that sit beside quantised weights and are not weights themselves
 QUANT_SIDE_SUFFIXES = (".scale_weight", ".scale_input", ".weight_scale", ".input_scale", ".comfy_quant")
 FLOAT8_NAMES = ("F8_E4M3", "F8_E5M2")
@@ -96,51 +84,17 @@ class TowerInfo:
         return asdict(self)
 
 
-def tower_keys(source_keys: list[str], prefix: str, layout: str) -> list[str]:
-    """The stored keys that belong to one tower (vision towers, decoders, logit_scale excluded)."""
-    p = prefix
-    if layout == "hf":
-        heads = (p + "text_model.", p + "text_projection.", p + "encoder.", p + "shared.")
-        keys = [k for k in source_keys if k.startswith(heads) or k == p + "text_projection"]
-    elif layout == "hf-flat":
-        heads = (p + "embeddings.", p + "encoder.", p + "final_layer_norm.", p + "text_projection.")
-        keys = [k for k in source_keys if k.startswith(heads)]
-    elif layout == "openclip":
-        heads = (p + "transformer.", p + "ln_final.", p + "token_embedding.", p + "text_projection.")
-        singles = {p + "positional_embedding", p + "positional_embedding_res", p + "text_projection"}
-        keys = [k for k in source_keys if k.startswith(heads) or k in singles]
-    elif layout == "llama.cpp":
-        keys = [k for k in source_keys if k.startswith((p + "enc.", p + "token_embd."))]
-    else:
-        raise ValueError(f"unknown layout {layout!r}")
-    return keys
-
-
-def _is_text_tower(prefix: str, layout: str, family: str, key_set: set[str]) -> bool:
-    """Reject anchors that belong to a vision tower or that are another layout seen one level deeper."""
-    if _VISION_PREFIX.search(prefix):
-        return False
-    if family == "t5":
-        return True
-    if layout == "hf":
-        return prefix + "text_model.embeddings.token_embedding.weight" in key_set
-    if layout == "hf-flat":
-        # `…text_model.encoder.layers…` is the hf layout; a vision model has no token embedding
-        return not prefix.endswith("text_model.") and prefix + "embeddings.token_embedding.weight" in key_set
-    return prefix + "token_embedding.weight" in key_set  # openclip: OpenAI's `visual.transformer…` has none
-
-
-def _find_anchors(keys: list[str]) -> list[tuple[str, str, str]]:
-    """(prefix, layout, family) for every text-tower anchor."""
-    found: list[tuple[str, str, str]] = []
+def _find_anchors(keys: list[str]) -> list[tuple[str, Layout]]:
+    """(prefix, layout) for every text-tower anchor."""
+    found: list[tuple[str, Layout]] = []
     key_set = set(keys)
     for key in keys:
-        if not key.endswith(_ANCHOR_SUFFIXES):
+        if not key.endswith(ANCHOR_SUFFIXES):
             continue
-        for layout, family, pattern in _ANCHORS:
-            m = pattern.match(key)
-            if m and _is_text_tower(m.group(1), layout, family, key_set):
-                found.append((m.group(1), layout, family))
+        for layout in LAYOUTS:
+            m = layout.pattern.match(key)
+            if m and layout.is_text_tower(m.group(1), key_set):
+                found.append((m.group(1), layout))
                 break
     return found
 
@@ -185,27 +139,13 @@ def _t5_kind(width: int | None, gated: bool, per_block_bias: bool, vocab: int | 
     return "unknown", f"T5 v1.1 with d_model {width} is not XXL, XL or base"
 
 
-def _describe_clip(src: TensorSource, info: TowerInfo, keys: list[str]) -> None:
-    p, layout = info.prefix, info.layout
-    if layout == "openclip":
-        tok = p + "token_embedding.weight"
-        pos = p + "positional_embedding"
-        info.layers = _count_indexed(keys, p + "transformer.resblocks.")
-        if p + "positional_embedding_res" in keys:
-            info.features.append("long-clip-res")
-        if p + "text_projection" in keys or p + "text_projection.weight" in keys:
-            info.features.append("projection")
-    else:
-        base = p + ("text_model." if layout == "hf" else "")
-        tok = base + "embeddings.token_embedding.weight"
-        pos = base + "embeddings.position_embedding.weight"
-        info.layers = _count_indexed(keys, base + "encoder.layers.")
-        if p + "text_projection.weight" in keys:
-            info.features.append("projection")
-        if base + "embeddings.position_ids" in keys:
-            info.features.append("position-ids")
+def _describe_clip(src: TensorSource, info: TowerInfo, layout: Layout, keys: list[str]) -> None:
+    p = info.prefix
+    info.layers = _count_indexed(keys, p + layout.blocks)
+    info.features += [name for name, marks in layout.features if any(p + k in keys for k in marks)]
     if any(k.endswith(".theta") for k in keys):
         info.features.append("gmp")
+    tok, pos = p + layout.token_embedding[0], p + layout.positions
     if tok in keys:
         info.vocab, info.width = src.info(tok).shape[:2]
     if pos in keys:
@@ -213,26 +153,18 @@ def _describe_clip(src: TensorSource, info: TowerInfo, keys: list[str]) -> None:
     info.kind, info.note = _clip_kind(info.width, info.layers or 0, info.positions)
 
 
-def _describe_t5(src: TensorSource, info: TowerInfo, keys: list[str]) -> None:
+def _describe_t5(src: TensorSource, info: TowerInfo, layout: Layout, keys: list[str]) -> None:
     p = info.prefix
-    if info.layout == "llama.cpp":
-        emb = p + "token_embd.weight"
-        info.layers = _count_indexed(keys, p + "enc.blk.")
-        gated = any(".ffn_gate." in k for k in keys)
-        per_block_bias = p + "enc.blk.1.attn_rel_b.weight" in keys
-        q0 = p + "enc.blk.0.attn_q.weight"
-    else:
-        emb = p + "shared.weight" if p + "shared.weight" in keys else p + "encoder.embed_tokens.weight"
-        info.layers = _count_indexed(keys, p + "encoder.block.")
-        gated = any(".DenseReluDense.wi_0." in k for k in keys)
-        per_block_bias = p + "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight" in keys
-        q0 = p + "encoder.block.0.layer.0.SelfAttention.q.weight"
-        if p + "shared.weight" not in keys and emb in keys:
-            info.features.append("embed-tokens-only")
-    if emb in keys:
+    info.layers = _count_indexed(keys, p + layout.blocks)
+    gated = any(layout.gate in k for k in keys)
+    per_block_bias = p + layout.second_bias in keys
+    emb = next((p + k for k in layout.token_embedding if p + k in keys), None)
+    if emb is not None and emb != p + layout.token_embedding[0]:
+        info.features.append("embed-tokens-only")  # a WebUI-style T5: no `shared.weight`
+    if emb is not None:
         info.vocab, info.width = src.info(emb).shape[:2]
     else:
-        info.width = src.info(q0).shape[-1]  # q is [inner, d_model]
+        info.width = src.info(p + layout.anchor).shape[-1]  # block 0's q is [inner, d_model]
         info.features.append("no-embedding")
     info.kind, info.note = _t5_kind(info.width, gated, per_block_bias, info.vocab)
 
@@ -278,16 +210,14 @@ def detect(src: TensorSource) -> list[TowerInfo]:
         note = "no text-encoder tower found" + (f" among {len(keys)} tensors" if keys else " (no tensors)")
         return [TowerInfo(src.path, kind="unknown", format=src.format, note=note)]
     towers = []
-    for prefix, layout, family in anchors:
-        info = TowerInfo(src.path, prefix=prefix, layout=layout, family=family, format=src.format)
-        keys_here = tower_keys(keys, prefix, layout)
+    for prefix, layout in anchors:
+        info = TowerInfo(src.path, prefix=prefix, layout=layout.name, family=layout.family, format=src.format)
+        keys_here = layout.keys(keys, prefix)
         try:
-            if family == "clip":
-                _describe_clip(src, info, keys_here)
-            else:
-                _describe_t5(src, info, keys_here)
+            describe = _describe_clip if layout.family == "clip" else _describe_t5
+            describe(src, info, layout, keys_here)
         except (KeyError, ValueError, IndexError) as e:
-            info.kind, info.note = "unknown", f"inconsistent {family.upper()} tensors ({one_line(e)})"
+            info.kind, info.note = "unknown", f"inconsistent {layout.family.upper()} tensors ({one_line(e)})"
         weights = [k for k in keys_here if not k.endswith(QUANT_SIDE_SUFFIXES) and not k.endswith("position_ids")]
         infos = [src.info(k) for k in weights]
         info.dtypes = sorted({i.dtype for i in infos})

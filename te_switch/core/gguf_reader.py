@@ -8,7 +8,7 @@ fresh memory; the tensors handed out own their data.
 
 ``F32``/``F16``/``BF16`` (and the rarely used ``F64``/``I8``..``I64``) load as plain tensors, BF16
 bit-exact. Block formats (``Q8_0``, ``Q4_K``...) load as :class:`PackedTensor` with ``raw`` shaped
-``(rows, bytes_per_row)``; importing this module registers their decoders in ``DEQUANTIZERS``.
+``(rows, bytes_per_row)``; their decoders are in ``tensors.DEQUANTIZERS`` (``core.dequant``).
 
 ``import gguf`` happens only when a file is opened: the rest of the core works without it.
 """
@@ -23,10 +23,8 @@ from typing import Any
 import torch
 
 from te_switch.core import dequant
-from te_switch.core.readers import TensorSource
+from te_switch.core.source import TensorSource
 from te_switch.core.tensors import DEQUANTIZERS, SAFETENSORS_DTYPES, PackedTensor, TensorInfo
-
-dequant.register_decoders(DEQUANTIZERS)
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)  # what gguf.GGUFReader reads; v1 used 32-bit counts

@@ -158,14 +158,6 @@ def detach(module: nn.Module) -> None:
     module._parameters["weight"] = original
 
 
-def detach_all(tree: nn.Module) -> int:
-    """Detach every attached module under ``tree`` (itself included); returns how many."""
-    attached = [m for m in tree.modules() if is_attached(m)]
-    for m in attached:
-        detach(m)
-    return len(attached)
-
-
 def is_attached(module: nn.Module) -> bool:
     return _STATE in module.__dict__
 
@@ -205,10 +197,7 @@ def _as_packed(weight: PackedTensor | torch.Tensor) -> PackedTensor:
             if weight.raw.dtype not in FLOAT8_DTYPES:
                 raise ValueError(f"{weight.qtype} PackedTensor holds {weight.raw.dtype}, not fp8 data")
         elif weight.qtype not in DEQUANTIZERS:
-            from te_switch.core import gguf_reader  # noqa: F401  (registers the GGUF decoders)
-
-            if weight.qtype not in DEQUANTIZERS:
-                raise ValueError(f"no decoder for quantisation type {weight.qtype}")
+            raise ValueError(f"no decoder for quantisation type {weight.qtype}")
         return weight
     if isinstance(weight, torch.Tensor) and weight.dtype in FLOAT8_DTYPES:
         return PackedTensor(dtype_name(weight.dtype), weight, weight.shape)

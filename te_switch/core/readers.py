@@ -13,63 +13,18 @@ import os
 import pickle
 import struct
 import zipfile
-from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from te_switch.core.errors import BadFileError
+from te_switch.core.source import TensorSource
 from te_switch.core.tensors import ITEMSIZES, SAFETENSORS_DTYPES, TensorInfo, Weight, dtype_name
 
 SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
 WEIGHT_SUFFIXES = (".safetensors", ".sft", ".gguf", ".pt", ".pth", ".ckpt", ".bin")
 INDEX_SUFFIX = ".index.json"
-
-
-class TensorSource(ABC):
-    """Named tensors of one file (or one sharded set), read on demand."""
-
-    format: str = ""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.metadata: dict[str, str] = {}
-
-    @abstractmethod
-    def keys(self) -> list[str]: ...
-
-    @abstractmethod
-    def info(self, key: str) -> TensorInfo: ...
-
-    @abstractmethod
-    def load(self, key: str) -> Weight:
-        """The tensor as stored: fp8 stays fp8, GGUF blocks stay packed."""
-
-    def close(self) -> None:  # noqa: B027  (optional for subclasses)
-        pass
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._key_set()
-
-    def _key_set(self) -> set[str]:
-        cached = getattr(self, "_keys_cache", None)
-        if cached is None:
-            cached = set(self.keys())
-            self._keys_cache = cached
-        return cached
-
-    def infos(self) -> dict[str, TensorInfo]:
-        return {k: self.info(k) for k in self.keys()}
-
-    def __enter__(self) -> TensorSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def fail(self, reason: str) -> BadFileError:
-        return BadFileError(self.path, reason)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,10 +204,6 @@ class ShardedSource(TensorSource):
             self._shard_of[str(key)] = shard_path
         self.metadata = {str(k): str(v) for k, v in (index.get("metadata") or {}).items()}
         self._open: dict[str, TensorSource] = {}
-
-    @property
-    def shard_paths(self) -> list[str]:
-        return sorted(set(self._shard_of.values()))
 
     def _shard(self, key: str) -> TensorSource:
         path = self._shard_of[key]

@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import torch
 
+from te_switch.core import dequant
+
 # safetensors dtype name -> torch dtype (only what torch can hold natively)
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -63,8 +65,10 @@ class TensorInfo(NamedTuple):
         return math.prod(self.shape)
 
 
-# qtype -> function(raw, shape, dtype) -> dense tensor; filled by the GGUF module on import
+# qtype -> function(raw, shape, dtype) -> dense tensor: the pure-torch GGUF decoders; the GGUF reader
+# adds gguf-py's numpy fallback for any other type it opens
 DEQUANTIZERS: dict[str, Callable[[torch.Tensor, torch.Size, torch.dtype], torch.Tensor]] = {}
+dequant.register_decoders(DEQUANTIZERS)
 
 
 @dataclass(eq=False)
@@ -88,14 +92,9 @@ class PackedTensor:
             if self.scale is not None:
                 out = out * self.scale.to(device=out.device, dtype=torch.float32)
             return out.reshape(self.shape).to(dtype)
-        try:
-            fn = DEQUANTIZERS[self.qtype]
-        except KeyError:
-            from te_switch.core import gguf_reader  # noqa: F401  (registers the GGUF decoders)
-
-            fn = DEQUANTIZERS.get(self.qtype)
-            if fn is None:
-                raise ValueError(f"no decoder for quantisation type {self.qtype}") from None
+        fn = DEQUANTIZERS.get(self.qtype)
+        if fn is None:
+            raise ValueError(f"no decoder for quantisation type {self.qtype}")
         return fn(raw, self.shape, dtype)
 
     @property
@@ -122,10 +121,6 @@ class PackedTensor:
 
 
 Weight = torch.Tensor | PackedTensor
-
-
-def weight_shape(w: Weight) -> tuple[int, ...]:
-    return tuple(w.shape)
 
 
 def weight_dtype_name(w: Weight) -> str:

@@ -29,19 +29,19 @@ from typing import Any
 import torch
 
 from te_switch.core import clip_skip
-from te_switch.core.clip_skip import FINAL_LAYER_NORM, NATIVE_SKIP, TOWER_LAYERS, LayerTap, TowerPlan, block_for_skip
+from te_switch.core.clip_skip import TowerPlan, run_to_layer, tower_plan
+from te_switch.core.compute import autocast_off
 from te_switch.core.longclip import chunk_length
 from te_switch.core.selection import SLOTS_BY_FAMILY, Selection
 from te_switch.core.tensors import Weight
-from te_switch.hosts.base import HostAdapter
+from te_switch.hosts import sdwebui
+from te_switch.hosts.base import HostAdapter, tower_positions
 from te_switch.hosts.engine import LiveSlot, SwapEngine
 from te_switch.hosts.modules import hf_clip_slot, openclip_slot, t5_slot, text_transformer
 
-PATCH_KEY = __name__
-CACHE_LISTS = (
-    ("StableDiffusionProcessing", ("cached_c", "cached_uc")),
-    ("StableDiffusionProcessingTxt2Img", ("cached_hr_c", "cached_hr_uc")),
-)
+# (A1111's original encode, the wrapper, the tokens, the plan or None) -> the cond of one tower
+TowerEncode = Callable[[Callable[..., Any], Any, torch.Tensor, TowerPlan | None], Any]
+Patch = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 class A1111Adapter(HostAdapter):
@@ -50,7 +50,6 @@ class A1111Adapter(HostAdapter):
     def __init__(self, engine: SwapEngine | None = None) -> None:
         super().__init__(engine)
         self._loading: Any = None  # the model a load callback is about (before model_data points at it)
-        self._patched: list[tuple[Any, str]] = []
 
     # -- the live model -----------------------------------------------------------------------
 
@@ -92,33 +91,34 @@ class A1111Adapter(HostAdapter):
         plans = {p.tower: p for p in clip_skip.plan(family, None)}
         setting = int(opts.CLIP_stop_at_last_layers)
         if family == "sd1":
-            plans["clip_l"] = _plan(family, "clip_l", setting, True)
+            plans["clip_l"] = tower_plan(family, "clip_l", setting, final_ln=True)
         elif family in ("sdxl", "sdxl-refiner"):
             l_holder, g_holder = holders.get("clip_l"), holders.get("clip_g")
             if l_holder is not None:
                 if opts.sdxl_clip_l_skip is True:
-                    plans["clip_l"] = _plan(family, "clip_l", setting, False)
+                    plans["clip_l"] = tower_plan(family, "clip_l", setting, final_ln=False)
                 elif l_holder.layer == "last":
-                    plans["clip_l"] = _plan(family, "clip_l", 1, True)
+                    plans["clip_l"] = tower_plan(family, "clip_l", 1, final_ln=True)
                 else:
                     depth = len(text_transformer(l_holder.transformer).encoder.layers)
                     index = int(l_holder.layer_idx)
-                    plans["clip_l"] = _plan(family, "clip_l", depth + 1 - index if index >= 0 else -index, False)
+                    n = depth + 1 - index if index >= 0 else -index
+                    plans["clip_l"] = tower_plan(family, "clip_l", n, final_ln=False)
             if g_holder is not None:
-                plans["clip_g"] = _plan(family, "clip_g", 1 if g_holder.layer == "last" else 2, False)
+                plans["clip_g"] = tower_plan(family, "clip_g", 1 if g_holder.layer == "last" else 2, final_ln=False)
         elif family == "sd2" and "clip_h" in holders:
-            plans["clip_h"] = _plan(family, "clip_h", int(holders["clip_h"].layer_idx) + 1, True)
+            plans["clip_h"] = tower_plan(family, "clip_h", int(holders["clip_h"].layer_idx) + 1, final_ln=True)
         elif family == "sd3":
             for tower in ("clip_l", "clip_g"):
                 holder = holders.get(tower)
                 if holder is None:
                     continue
                 if holder.layer == "last":
-                    plans[tower] = _plan(family, tower, 1, True)
+                    plans[tower] = tower_plan(family, tower, 1, final_ln=True)
                 else:
                     index = int(holder.layer_idx)
                     n = -index if index < 0 else holder.num_layers - index
-                    plans[tower] = _plan(family, tower, n, bool(holder.layer_norm_hidden_state))
+                    plans[tower] = tower_plan(family, tower, n, final_ln=bool(holder.layer_norm_hidden_state))
         return list(plans.values())
 
     def layer_note(self, model: Any, family: str, selection: Selection) -> str | None:
@@ -138,9 +138,9 @@ class A1111Adapter(HostAdapter):
 
     # -- after the model changed -----------------------------------------------------------------
 
-    def after_swap(self, model: Any, changed: list[str]) -> None:
+    def after_swap(self, model: Any) -> None:
         self.sync_chunk_lengths(model)
-        self.clear_cond_caches()
+        sdwebui.clear_cond_caches()
         self._refresh_empty_cond(model)
 
     def sync_chunk_lengths(self, model: Any = None) -> None:
@@ -150,23 +150,11 @@ class A1111Adapter(HostAdapter):
         if model is None:
             return
         for wrapper, tower, holders in _chunked_wrappers(model):
-            positions = _positions(tower)
+            positions = tower_positions(tower)
             wrapper.chunk_length = chunk_length(positions)
             for holder in holders:
                 if hasattr(holder, "max_length"):
                     holder.max_length = positions
-
-    def clear_cond_caches(self) -> None:
-        """Empty A1111's cond caches in place (processing objects hold the same lists)."""
-        from modules import processing
-
-        for class_name, names in CACHE_LISTS:
-            holder = getattr(processing, class_name, None)
-            for name in names:
-                cache = getattr(holder, name, None)
-                if isinstance(cache, list) and len(cache) >= 2:
-                    cache[0] = None
-                    cache[1] = None
 
     def _refresh_empty_cond(self, model: Any) -> None:
         # A1111's pad_cond_uncond pads with this cond and divides by its length
@@ -189,7 +177,7 @@ class A1111Adapter(HostAdapter):
     def restore_before_load(self, model: Any) -> list[str]:
         """Put every swapped slot of ``model`` back to Built-in before A1111 loads a checkpoint into
         it (a 248-position table would not take the checkpoint's 77 rows)."""
-        towers = {n: m for n, m in _text_towers(model).items() if self.engine.applied(_probe(n, m)) is not None}
+        towers = {n: m for n, m in _text_towers(model).items() if self.is_swapped(n, m)}
         if not towers:
             return []
         with _named_as_hijacked(towers.values()):
@@ -216,28 +204,17 @@ class A1111Adapter(HostAdapter):
 
     # -- patches --------------------------------------------------------------------------------
 
-    def install(self) -> None:
-        if self._patched:
-            return
-        from modules import patches, processing, sd_hijack_clip, sd_hijack_open_clip, sd_models
+    def patch_targets(self) -> list[sdwebui.PatchTarget]:
+        from modules import processing, sd_hijack_clip, sd_hijack_open_clip, sd_models
 
-        targets: list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]] = [
-            (sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords, "encode_with_transformers", self._hf_clip_patch("sd1")),
-            (
-                sd_hijack_clip.FrozenCLIPEmbedderForSDXLWithCustomWords,
-                "encode_with_transformers",
-                self._hf_clip_patch("sdxl"),
-            ),
-            (
-                sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords,
-                "encode_with_transformers",
-                self._open_clip_h_patch,
-            ),
-            (
-                sd_hijack_open_clip.FrozenOpenCLIPEmbedder2WithCustomWords,
-                "encode_with_transformers",
-                self._open_clip_g_patch,
-            ),
+        clip_l = self._tower_patch("clip_l", lambda w: w.wrapped.transformer, _hf_clip_encode)
+        clip_h = self._tower_patch("clip_h", lambda w: w.wrapped.model, _open_clip_h_encode)
+        clip_g = self._tower_patch("clip_g", lambda w: w.wrapped.model, _open_clip_g_encode)
+        targets: list[sdwebui.PatchTarget] = [
+            (sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords, "encode_with_transformers", clip_l),
+            (sd_hijack_clip.FrozenCLIPEmbedderForSDXLWithCustomWords, "encode_with_transformers", clip_l),
+            (sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords, "encode_with_transformers", clip_h),
+            (sd_hijack_open_clip.FrozenOpenCLIPEmbedder2WithCustomWords, "encode_with_transformers", clip_g),
             (processing.StableDiffusionProcessing, "cached_params", self._cached_params_patch),
             (sd_models, "load_model_weights", self._load_model_weights_patch),
         ]
@@ -247,83 +224,41 @@ class A1111Adapter(HostAdapter):
             targets.append((sd3_cond.Sd3ClipLG, "encode_with_transformers", self._sd3_patch))
         except ImportError:
             pass  # before 1.10: no SD3
-        for obj, field, make in targets:
-            if patches.original(PATCH_KEY, obj, field) is not None:
-                patches.undo(PATCH_KEY, obj, field)  # left by an earlier import of this module
-            patches.patch(PATCH_KEY, obj, field, make(getattr(obj, field)))
-            self._patched.append((obj, field))
+        return targets
 
-    def uninstall(self) -> None:
-        from modules import patches
+    def _tower_patch(self, tower: str, module_of: Callable[[Any], torch.nn.Module], encode: TowerEncode) -> Patch:
+        """A wrapper's ``encode_with_transformers`` that runs A1111's own code unless the generation asks
+        this tower for another layer (the plan) or another dtype; ``encode`` does the tower's part."""
 
-        for obj, field in reversed(self._patched):
-            if patches.original(PATCH_KEY, obj, field) is not None:
-                patches.undo(PATCH_KEY, obj, field)
-        self._patched.clear()
-
-    def _hf_clip_patch(self, family: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def make(original: Callable[..., Any]) -> Callable[..., Any]:
             @functools.wraps(original)
             def encode_with_transformers(wrapper: Any, tokens: torch.Tensor) -> torch.Tensor:
-                transformer = wrapper.wrapped.transformer
-                n = self._user_skip(family, "clip_l")
-                dtype = self._slot_dtype("clip_l", transformer)
-                if n is None and dtype is None:
+                module = module_of(wrapper)
+                plan, dtype = self.active_plan(tower), self.slot_dtype(tower, module)
+                if plan is None and dtype is None:
                     return original(wrapper, tokens)
-                with _own_precision(dtype, transformer):
-                    if n is None:
-                        z = original(wrapper, tokens)
-                    else:
-                        z = _hf_clip_layer(transformer, tokens, n, FINAL_LAYER_NORM[family])
+                with _own_precision(dtype, module):
+                    z = encode(original, wrapper, tokens, plan)
                 return _as_host_dtype(z, dtype)
 
             return encode_with_transformers
 
         return make
 
-    def _open_clip_h_patch(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(original)
-        def encode_with_transformers(wrapper: Any, tokens: torch.Tensor) -> torch.Tensor:
-            wrapped = wrapper.wrapped
-            n = self._user_skip("sd2", "clip_h")
-            dtype = self._slot_dtype("clip_h", wrapped.model)
-            if n is None and dtype is None:
-                return original(wrapper, tokens)
-            # ldm's own loop stops layer_idx blocks before the end, then applies ln_final (SD2's LN)
-            with _own_precision(dtype, wrapped.model), _attribute(wrapped, "layer_idx", None if n is None else n - 1):
-                z = original(wrapper, tokens)
-            return _as_host_dtype(z, dtype)
-
-        return encode_with_transformers
-
-    def _open_clip_g_patch(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(original)
-        def encode_with_transformers(wrapper: Any, tokens: torch.Tensor) -> torch.Tensor:
-            wrapped = wrapper.wrapped
-            n = self._user_skip(self._g_family(wrapped.model), "clip_g")
-            dtype = self._slot_dtype("clip_g", wrapped.model)
-            if n is None and dtype is None:
-                return original(wrapper, tokens)
-            with _own_precision(dtype, wrapped.model):
-                z = original(wrapper, tokens) if n is None else _open_clip_g_layer(wrapped, tokens, n)
-            return _as_host_dtype(z, dtype)
-
-        return encode_with_transformers
-
     def _sd3_patch(self, original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
         def encode_with_transformers(wrapper: Any, tokens: torch.Tensor) -> torch.Tensor:
-            n_l, n_g = self._user_skip("sd3", "clip_l"), self._user_skip("sd3", "clip_g")
-            dtype_l = self._slot_dtype("clip_l", wrapper.clip_l.transformer)
-            dtype_g = self._slot_dtype("clip_g", wrapper.clip_g.transformer)
-            if n_l is None and n_g is None and dtype_l is None and dtype_g is None:
+            plan_l, plan_g = self.active_plan("clip_l"), self.active_plan("clip_g")
+            dtype_l = self.slot_dtype("clip_l", wrapper.clip_l.transformer)
+            dtype_g = self.slot_dtype("clip_g", wrapper.clip_g.transformer)
+            if plan_l is None and plan_g is None and dtype_l is None and dtype_g is None:
                 return original(wrapper, tokens)
             # both towers give pooled vectors, so every layer runs; A1111's own SDClipModel picks the
             # layer (cloned, no final LN) and returns float32 whatever the weights hold
             with (
                 _own_precision(dtype_l or dtype_g, wrapper.clip_l.transformer),
-                _clip_layer(wrapper.clip_l, n_l),
-                _clip_layer(wrapper.clip_g, n_g),
+                _clip_layer(wrapper.clip_l, plan_l),
+                _clip_layer(wrapper.clip_g, plan_g),
             ):
                 return original(wrapper, tokens)
 
@@ -346,24 +281,6 @@ class A1111Adapter(HostAdapter):
             return original(model, *args, **kwargs)
 
         return load_model_weights
-
-    # -- helpers for the patched encode ---------------------------------------------------------
-
-    def _user_skip(self, family: str, tower: str) -> int | None:
-        """The N the running generation asks of ``tower``; None: A1111's own layer."""
-        selection = self.active
-        if selection is None or selection.clip_skip is None:
-            return None
-        return clip_skip.tower_skip(family, tower, selection.clip_skip, selection.scope)
-
-    def _slot_dtype(self, name: str, module: torch.nn.Module) -> torch.dtype | None:
-        return self.engine.compute_dtype(_probe(name, module))
-
-    def _g_family(self, module: torch.nn.Module) -> str:
-        model = self.live_model()
-        if model is not None and hasattr(model, "conditioner") and self.family(model) == "sdxl-refiner":
-            return "sdxl-refiner"  # one tower: the scope does not apply
-        return "sdxl"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,18 +371,6 @@ def _chunked_wrappers(model: Any) -> Iterator[tuple[Any, torch.nn.Module, tuple[
             yield wrapper, tower, (wrapper.wrapped,)
 
 
-def _positions(tower: torch.nn.Module) -> int:
-    table = getattr(tower, "positional_embedding", None)
-    if isinstance(table, torch.Tensor):
-        return int(table.shape[0])
-    return int(text_transformer(tower).embeddings.position_embedding.weight.shape[0])
-
-
-def _probe(name: str, module: torch.nn.Module) -> LiveSlot:
-    """A slot good for engine queries (they only need the module)."""
-    return LiveSlot(name, module, dict)
-
-
 def _slot_for(name: str, module: torch.nn.Module) -> LiveSlot:
     if hasattr(module, "positional_embedding"):
         slot = openclip_slot(name, module)
@@ -524,34 +429,41 @@ def _named_as_hijacked(towers: Any) -> Iterator[None]:
             parent.token_embedding = embedding
 
 
-def _plan(family: str, tower: str, n: int, final_ln: bool) -> TowerPlan:
-    native = n == NATIVE_SKIP[family][tower] and final_ln == FINAL_LAYER_NORM[family]
-    return TowerPlan(tower, n, TOWER_LAYERS[tower], final_ln, native)
-
-
 # ---------------------------------------------------------------------------------------------
 # the encode step
 
 
-def _hf_clip_layer(transformer: torch.nn.Module, tokens: torch.Tensor, n: int, final_ln: bool) -> torch.Tensor:
-    """``hidden_states[-n]`` (+ final LN on SD1); the layers after it do not run."""
+def _hf_clip_encode(original: Callable[..., Any], wrapper: Any, tokens: torch.Tensor, plan: TowerPlan | None) -> Any:
+    return original(wrapper, tokens) if plan is None else _hf_clip_layer(wrapper.wrapped.transformer, tokens, plan)
+
+
+def _open_clip_h_encode(
+    original: Callable[..., Any], wrapper: Any, tokens: torch.Tensor, plan: TowerPlan | None
+) -> Any:
+    # ldm's own loop stops layer_idx blocks before the end, then applies ln_final (SD2's LN)
+    with _attribute(wrapper.wrapped, "layer_idx", None if plan is None else plan.skip - 1):
+        return original(wrapper, tokens)
+
+
+def _open_clip_g_encode(
+    original: Callable[..., Any], wrapper: Any, tokens: torch.Tensor, plan: TowerPlan | None
+) -> Any:
+    return original(wrapper, tokens) if plan is None else _open_clip_g_layer(wrapper.wrapped, tokens, plan)
+
+
+def _hf_clip_layer(transformer: torch.nn.Module, tokens: torch.Tensor, plan: TowerPlan) -> torch.Tensor:
+    """``hidden_states[-N]`` (+ final LN on SD1); the layers after it do not run."""
     text = text_transformer(transformer)
-    layers = text.encoder.layers
-    with LayerTap(layers[block_for_skip(len(layers), n)], stop=True) as tap:
-        transformer(input_ids=tokens)  # the module itself: lowvram's pre-hook must fire
-    if tap.output is None:
-        raise RuntimeError(f"CLIP layer {len(layers) - n + 1} never ran")
-    return text.final_layer_norm(tap.output) if final_ln else tap.output
+    # the module itself runs: lowvram's pre-hook must fire
+    hidden, _ = run_to_layer(text.encoder.layers, plan.skip, lambda: transformer(input_ids=tokens), stop=True)
+    return text.final_layer_norm(hidden) if plan.final_ln else hidden
 
 
-def _open_clip_g_layer(wrapped: Any, tokens: torch.Tensor, n: int) -> torch.Tensor:
-    """SDXL's G: block ``32 - n``'s output (no LN) with the pooled vector of the full tower."""
+def _open_clip_g_layer(wrapped: Any, tokens: torch.Tensor, plan: TowerPlan) -> torch.Tensor:
+    """SDXL's G: the plan's block output (no LN) with the pooled vector of the full tower."""
     blocks = wrapped.model.transformer.resblocks
-    with LayerTap(blocks[block_for_skip(len(blocks), n)], stop=False) as tap:
-        d = wrapped.encode_with_transformer(tokens)
-    if tap.output is None:
-        raise RuntimeError(f"CLIP-G layer {len(blocks) - n + 1} never ran")
-    z = tap.output.permute(1, 0, 2)  # LND -> NLD, as sgm's own "penultimate"
+    hidden, d = run_to_layer(blocks, plan.skip, lambda: wrapped.encode_with_transformer(tokens), stop=False)
+    z = hidden.permute(1, 0, 2)  # LND -> NLD, as sgm's own "penultimate"
     pooled = d.get("pooled") if isinstance(d, dict) else None
     if pooled is not None:
         z.pooled = pooled
@@ -572,13 +484,13 @@ def _attribute(obj: Any, name: str, value: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _clip_layer(model: Any, n: int | None) -> Iterator[None]:
-    """SD3's SDClipModel picks ``hidden_states[-n]`` through its own ``set_clip_options``."""
-    if n is None:
+def _clip_layer(model: Any, plan: TowerPlan | None) -> Iterator[None]:
+    """SD3's SDClipModel picks ``hidden_states[-N]`` through its own ``set_clip_options``."""
+    if plan is None:
         yield
         return
     saved = (model.layer, model.layer_idx, model.return_projected_pooled)
-    model.set_clip_options({"layer": -n})
+    model.set_clip_options({"layer": -plan.skip})
     try:
         yield
     finally:
@@ -593,12 +505,7 @@ def _own_precision(dtype: torch.dtype | None, module: torch.nn.Module) -> Iterat
         return
     from modules import devices
 
-    device_types = {p.device.type for p in module.parameters()} | {torch.device(devices.device or "cpu").type}
-    with contextlib.ExitStack() as stack:
-        for device_type in sorted(device_types):
-            with contextlib.suppress(RuntimeError):  # a device without autocast support
-                stack.enter_context(torch.autocast(device_type, enabled=False))
-        stack.enter_context(_manual_cast_lifted())
+    with autocast_off(*{p.device for p in module.parameters()}, devices.device), _manual_cast_lifted():
         yield
 
 
@@ -626,8 +533,4 @@ def _as_host_dtype(z: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
         return z
     from modules import devices
 
-    pooled = getattr(z, "pooled", None)
-    z = z.to(devices.dtype)
-    if pooled is not None:
-        z.pooled = pooled.to(devices.dtype)
-    return z
+    return sdwebui.cast_cond(z, devices.dtype)

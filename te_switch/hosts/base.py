@@ -4,6 +4,11 @@ An adapter finds the encoder slots of the live model, makes them hold what a :cl
 asks for (through the shared :class:`SwapEngine`), and patches the host's encode step so clip
 skip, precision and Long-CLIP chunks take effect while a generation runs (``begin``/``end``).
 With an Auto selection and Built-in slots nothing of the host runs differently.
+
+The toolkit every adapter builds on: :meth:`HostAdapter.plans` (the layers the panel shows and the
+encode uses: one plan), ``core.clip_skip.run_to_layer`` (the truncated forward),
+``core.compute.autocast_off`` (computing in a slot's dtype), :func:`tower_positions`, :func:`probe`,
+and :meth:`HostAdapter.install` over the adapter's :meth:`~HostAdapter.patch_targets`.
 """
 
 from __future__ import annotations
@@ -12,10 +17,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from te_switch.core import clip_skip
 from te_switch.core.clip_skip import TowerPlan
 from te_switch.core.selection import SLOT_LABELS, SLOTS_BY_FAMILY, Selection
+from te_switch.hosts import sdwebui
 from te_switch.hosts.engine import EncoderSource, LiveSlot, SlotRequest, SwapEngine
+from te_switch.hosts.modules import text_transformer
 
 # resolve(slot_name, encoder_label) -> the file to load; raises TESwitchError when it is missing
 Resolver = Callable[[str, str], EncoderSource]
@@ -31,6 +40,7 @@ class HostAdapter(ABC):
         self.active: Selection | None = None  # the selection of the generation running now
         self.requested: Selection | None = None  # the last selection applied: re-applied after reloads
         self.resolver: Resolver | None = None
+        self._patched: list[tuple[Any, str]] = []  # what install() patched, for uninstall()
 
     # -- the live model -----------------------------------------------------------------------
 
@@ -48,7 +58,11 @@ class HostAdapter(ABC):
 
     def auto_plans(self, model: Any, family: str) -> list[TowerPlan]:
         """The layers the host itself uses (override where the host departs from DESIGN natives)."""
-        return clip_skip.plan(family, None)
+        return clip_skip.plan(family, None, missing=self.missing_layers(model))
+
+    def missing_layers(self, model: Any) -> dict[str, int]:
+        """Per CLIP tower, the final blocks the host's copy lacks (``core.clip_skip.missing_layers``)."""
+        return {}
 
     def layer_note(self, model: Any, family: str, selection: Selection) -> str | None:
         """Extra words for the effective-layer line (host limits, e.g. a missing layer)."""
@@ -57,13 +71,21 @@ class HostAdapter(ABC):
     # -- what the UI shows ---------------------------------------------------------------------
 
     def plans(self, selection: Selection, model: Any = None) -> list[TowerPlan]:
+        """The layer each CLIP tower uses for ``selection``: what the panel shows, what the encode runs."""
         model = self.live_model() if model is None else model
         family = self.family(model) if model is not None else None
         if family is None:
             return []
         if selection.clip_skip is None:
             return self.auto_plans(model, family)
-        return clip_skip.plan(family, selection.clip_skip, selection.scope)
+        return clip_skip.plan(family, selection.clip_skip, selection.scope, missing=self.missing_layers(model))
+
+    def active_plan(self, tower: str, model: Any = None) -> TowerPlan | None:
+        """The plan of ``tower`` for the generation running now; None: the host's own layer (Auto)."""
+        selection = self.active
+        if selection is None or selection.clip_skip is None:
+            return None
+        return next((p for p in self.plans(selection, model) if p.tower == tower), None)
 
     def describe(self, selection: Selection) -> str:
         model = self.live_model()
@@ -105,7 +127,7 @@ class HostAdapter(ABC):
         changed = self.commit(model, self.requests(model, selection, resolve))
         self.requested = selection
         if changed:
-            self.after_swap(model, changed)
+            self.after_swap(model)
         return changed
 
     def commit(self, model: Any, requests: list[SlotRequest]) -> list[str]:
@@ -113,7 +135,7 @@ class HostAdapter(ABC):
         return self.engine.apply(requests)
 
     @abstractmethod
-    def after_swap(self, model: Any, changed: list[str]) -> None:
+    def after_swap(self, model: Any) -> None:
         """Host bookkeeping after slots changed (chunk lengths, cached conds...)."""
 
     def reapply(self) -> list[str]:
@@ -135,13 +157,40 @@ class HostAdapter(ABC):
         sel = self.active
         return (self.engine.epoch, sel.signature() if sel is not None else None)
 
-    @abstractmethod
-    def install(self) -> None:
-        """Install the host patches (idempotent)."""
+    def slot_dtype(self, name: str, module: torch.nn.Module) -> torch.dtype | None:
+        """The dtype the slot over ``module`` was asked to compute in (None: the host's)."""
+        return self.engine.compute_dtype(probe(name, module))
 
-    @abstractmethod
+    def is_swapped(self, name: str, module: torch.nn.Module) -> bool:
+        """Whether the slot over ``module`` holds anything but the checkpoint's own encoder."""
+        return self.engine.applied(probe(name, module)) is not None
+
+    # -- patches --------------------------------------------------------------------------------
+
+    @property
+    def patch_key(self) -> str:
+        """The key this host's patches carry in the WebUI's ``modules.patches`` registry."""
+        return f"te_switch.hosts.{self.name}"
+
+    def patch_targets(self) -> list[sdwebui.PatchTarget]:
+        """The class-level patches this host needs: ``(owner, attribute, make)``, where
+        ``make(original)`` returns the replacement (hosts that patch nothing keep the empty list)."""
+        return []
+
+    def install(self) -> None:
+        """Install :meth:`patch_targets` (idempotent; a re-imported adapter replaces an earlier one's)."""
+        if self._patched:
+            return
+        targets = self.patch_targets()
+        if targets:
+            self._patched = sdwebui.install_patches(self.patch_key, targets)
+
     def uninstall(self) -> None:
-        """Undo every patch (script unload)."""
+        """Undo every patch :meth:`install` made (script unload)."""
+        if not self._patched:
+            return
+        sdwebui.undo_patches(self.patch_key, self._patched)
+        self._patched = []
 
     # -- reporting ------------------------------------------------------------------------------
 
@@ -162,3 +211,21 @@ class HostAdapter(ABC):
                     "positions": slot.positions(),
                 }
         return {"host": self.name, "family": family, "slots": slots, "epoch": self.engine.epoch}
+
+
+# ---------------------------------------------------------------------------------------------
+# reading live towers (shared by every adapter)
+
+
+def probe(name: str, module: torch.nn.Module) -> LiveSlot:
+    """A slot that only identifies ``module`` for engine queries (no key scan, nothing expanded)."""
+    return LiveSlot(name, module, dict)
+
+
+def tower_positions(tower: torch.nn.Module) -> int:
+    """Position count of a CLIP text tower (OpenCLIP ``positional_embedding`` or a HF/WebUI CLIP),
+    from its table's shape: no state dict, no compressed weight expanded."""
+    table = getattr(tower, "positional_embedding", None)
+    if isinstance(table, torch.Tensor):
+        return int(table.shape[0])
+    return int(text_transformer(tower).embeddings.position_embedding.weight.shape[0])

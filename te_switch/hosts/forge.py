@@ -57,9 +57,8 @@ Decisions
 
 from __future__ import annotations
 
-import contextlib
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -67,15 +66,16 @@ import torch
 
 from te_switch.core import clip_skip as cs
 from te_switch.core.clip_skip import TowerPlan
+from te_switch.core.compute import autocast_off
 from te_switch.core.errors import IncompatibleError
 from te_switch.core.longclip import chunk_length as longclip_chunk_length
 from te_switch.core.selection import SLOTS_BY_FAMILY, Selection, SlotChoice
 from te_switch.core.tensors import Weight, dense, is_compressed
-from te_switch.hosts.base import HostAdapter, Resolver
+from te_switch.hosts import sdwebui
+from te_switch.hosts.base import HostAdapter, Resolver, tower_positions
 from te_switch.hosts.engine import LiveSlot, SlotRequest, SwapEngine, default_pack_kind
 from te_switch.hosts.modules import hf_clip_blocks, hf_clip_slot, t5_slot, text_transformer
 
-PATCH_KEY = "te_switch.forge"
 FAMILY_BY_CLASS = {
     "StableDiffusion": "sd1",
     "StableDiffusion2": "sd2",
@@ -87,15 +87,13 @@ FAMILY_BY_CLASS = {
 T5_ONLY_CLASSES = ("Chroma",)
 CLIP_ENGINE_ATTRS = ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g")
 
-_INSTALLED: ForgeAdapter | None = None  # the adapter the class-level patches report to
-
 
 @dataclass(frozen=True)
 class EncodePlan:
     """How one CLIP engine encodes during this generation (None plan: Forge's own code)."""
 
-    index: int  # 0-based block whose output conditions the model
-    final_ln: bool
+    layer: TowerPlan  # the layer and layer norm (the plan the panel shows)
+    missing: int  # final blocks Forge's copy of the tower lacks (SD2: 1)
     stop: bool  # truncated forward: no pooled vector needed from this engine
     dtype: torch.dtype | None  # explicit compute dtype; None: Forge's fp32-with-cast path
 
@@ -109,29 +107,6 @@ def _forge_pack_kind(module: torch.nn.Module) -> str | None:
     looks_linear = type(module).__name__ == "Linear" and hasattr(module, "in_features")
     has_weight = isinstance(module._parameters.get("weight"), torch.Tensor)
     return "linear" if looks_linear and has_weight and getattr(module, "scale_weight", None) is None else None
-
-
-def _slot_stub(name: str, module: torch.nn.Module) -> LiveSlot:
-    """A LiveSlot that only identifies a module for engine queries (no key scan)."""
-    return LiveSlot(name, module, dict)
-
-
-def _host_offset(tower: str, blocks: int) -> int:
-    """Final layers of the original tower that Forge's copy lacks (SD2: 1)."""
-    full = cs.TOWER_LAYERS.get(tower, blocks)
-    return full - blocks if tower == "clip_h" and blocks < full else 0
-
-
-@contextlib.contextmanager
-def _autocast_off(device: torch.device) -> Iterator[None]:
-    """Our dtype choice must hold even if someone wrapped the encode in autocast."""
-    kind = device.type if device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
-    try:
-        ctx = torch.autocast(kind, enabled=False)
-    except (RuntimeError, ValueError):  # a device without autocast support
-        ctx = contextlib.nullcontext()
-    with ctx:
-        yield
 
 
 def _t5_storage(module: torch.nn.Module) -> str:
@@ -221,7 +196,7 @@ class ForgeAdapter(HostAdapter):
         slot = t5_slot("t5xxl", t5)
         slot.pack_kind = _forge_pack_kind
         origin = self._t5_origin.get(t5)
-        if origin is None or self.engine.applied(_slot_stub("t5xxl", t5)) is None:
+        if origin is None or not self.is_swapped("t5xxl", t5):
             origin = self._t5_origin[t5] = _t5_storage(t5)
         if origin == "scaled-fp8":
             live = t5.state_dict()
@@ -253,24 +228,16 @@ class ForgeAdapter(HostAdapter):
     def auto_plans(self, model: Any, family: str) -> list[TowerPlan]:
         """What Forge does with its own setting: ``hidden_states[-max(N, minimal)]`` of its copy of each tower."""
         n = self._host_clip_skip()
-        plans = []
-        for tower in cs.clip_towers(family):
-            engine = self._engine_for(model, tower)
-            if engine is None:
-                continue
-            blocks = len(hf_clip_blocks(engine.text_encoder.transformer))
-            layers = cs.TOWER_LAYERS[tower]
-            skip = min(max(n, engine.minimal_clip_skip) + _host_offset(tower, blocks), layers)
-            final_ln = bool(engine.final_layer_norm)
-            plans.append(TowerPlan(tower, skip, layers, final_ln, skip == cs.NATIVE_SKIP[family][tower]))
-        return plans
+        engines = [(t, self._engine_for(model, t)) for t in cs.clip_towers(family)]
+        return [_forge_plan(family, tower, engine, n) for tower, engine in engines if engine is not None]
 
-    def plans(self, selection: Selection, model: Any = None) -> list[TowerPlan]:
-        model = self.live_model() if model is None else model
-        out = super().plans(selection, model)
-        if model is not None and self.family(model) == "sd2" and selection.clip_skip is not None:
-            native = cs.NATIVE_SKIP["sd2"]["clip_h"]
-            out = [replace(p, skip=max(p.skip, 2), native=max(p.skip, 2) == native) for p in out]
+    def missing_layers(self, model: Any) -> dict[str, int]:
+        """Forge's SD2 text encoder has 23 of OpenCLIP-H's 24 layers."""
+        out = {}
+        for engine in self._clip_engines(model):
+            missing = _missing(engine)
+            if missing:
+                out[engine.embedding_key] = missing
         return out
 
     def layer_note(self, model: Any, family: str, selection: Selection) -> str | None:
@@ -326,29 +293,10 @@ class ForgeAdapter(HostAdapter):
             loader.refresh(lora_patches={}, offload_device=clip.patcher.offload_device)
         memory_management.soft_empty_cache()
 
-    def after_swap(self, model: Any, changed: list[str]) -> None:
+    def after_swap(self, model: Any) -> None:
         for engine in self._clip_engines(model):
-            embeddings = text_transformer(engine.text_encoder.transformer).embeddings
-            engine.chunk_length = longclip_chunk_length(int(embeddings.position_embedding.weight.shape[0]))
-        self.clear_cond_caches()
-
-    def clear_cond_caches(self, p: Any = None) -> None:
-        """Empty Forge's cond caches in place (instances alias the class lists); ``p`` too when given."""
-        try:
-            from modules import processing
-        except ImportError:
-            return
-        for cls_name, names in (
-            ("StableDiffusionProcessing", ("cached_c", "cached_uc")),
-            ("StableDiffusionProcessingTxt2Img", ("cached_hr_c", "cached_hr_uc")),
-        ):
-            cls = getattr(processing, cls_name, None)
-            for name in names:
-                cache = vars(cls).get(name) if cls is not None else None
-                if isinstance(cache, list):
-                    cache[:] = [None] * len(cache)
-        if p is not None and hasattr(p, "clear_prompt_cache"):
-            p.clear_prompt_cache()
+            engine.chunk_length = longclip_chunk_length(tower_positions(engine.text_encoder.transformer))
+        sdwebui.clear_cond_caches()
 
     def on_model_loaded(self, sd_model: Any) -> list[str]:
         """``script_callbacks.on_model_loaded``: Forge built new encoder objects; make them match again.
@@ -361,7 +309,11 @@ class ForgeAdapter(HostAdapter):
     # -- the encode ---------------------------------------------------------------------------
 
     def encode_plan(self, engine: Any) -> EncodePlan | None:
-        """The plan for a CLIP engine during this generation; None: run Forge's own code."""
+        """The plan for a CLIP engine during this generation; None: run Forge's own code.
+
+        An explicit clip skip takes the tower's plan from :meth:`plans` (what the panel shows); Auto
+        follows Forge's own clip skip through the same rule as :meth:`auto_plans`.
+        """
         selection = self.active
         if selection is None:
             return None
@@ -371,20 +323,15 @@ class ForgeAdapter(HostAdapter):
             return None
         tower = engine.embedding_key
         transformer = engine.text_encoder.transformer
-        stub = _slot_stub(tower, transformer)
-        if selection.clip_skip is None and self.engine.applied(stub) is None:
-            return None
-        blocks = len(hf_clip_blocks(transformer))
-        offset = _host_offset(tower, blocks)
         if selection.clip_skip is None:
-            skip = max(engine.clip_skip, engine.minimal_clip_skip) + offset
-            final_ln = bool(engine.final_layer_norm)
+            if not self.is_swapped(tower, transformer):
+                return None
+            plan = _forge_plan(family, tower, engine, engine.clip_skip)  # set by Forge right before the encode
         else:
-            skip = cs.tower_skip(family, tower, selection.clip_skip, selection.scope)
-            final_ln = cs.FINAL_LAYER_NORM[family]
-        skip = min(max(skip, offset + 1), blocks + offset)
-        index = cs.block_for_skip(blocks, skip, layer_offset=offset)
-        return EncodePlan(index, final_ln, not engine.return_pooled, self.engine.compute_dtype(stub))
+            plan = self.active_plan(tower, model)
+            if plan is None:
+                return None
+        return EncodePlan(plan, _missing(engine), not engine.return_pooled, self.slot_dtype(tower, transformer))
 
     def encode_clip(self, engine: Any, tokens: torch.Tensor, plan: EncodePlan) -> torch.Tensor:
         """``encode_with_transformers`` with our layer, LN and dtype; pooled exactly as Forge makes it."""
@@ -400,95 +347,77 @@ class ForgeAdapter(HostAdapter):
             embeddings.position_embedding = embeddings.position_embedding.to(dtype=torch.float32)
             embeddings.token_embedding = embeddings.token_embedding.to(dtype=torch.float32)
         tokens = tokens.to(device)
-        outputs = None
-        with _autocast_off(device), cs.LayerTap(hf_clip_blocks(transformer)[plan.index], stop=plan.stop) as tap:
-            outputs = transformer(tokens, output_hidden_states=False)
-        z = tap.output
-        if z is None:
-            raise RuntimeError("the text encoder returned before the chosen layer ran")
-        if plan.final_ln:
+        with autocast_off(device):
+            z, outputs = cs.run_to_layer(
+                hf_clip_blocks(transformer),
+                plan.layer.skip,
+                lambda: transformer(tokens, output_hidden_states=False),
+                stop=plan.stop,
+                missing=plan.missing,
+            )
+        if plan.layer.final_ln:
             z = text_model.final_layer_norm(z)
-        pooled = None
-        if engine.return_pooled:
+        if engine.return_pooled and outputs is not None:
             pooled = outputs.pooler_output
             if engine.text_projection and engine.embedding_key != "clip_l":
                 pooled = transformer.text_projection(pooled)
-        if plan.dtype is not None:
-            z = z.to(torch.float32)
-            pooled = None if pooled is None else pooled.to(torch.float32)
-        if pooled is not None:
             z.pooled = pooled
-        return z
+        return z if plan.dtype is None else sdwebui.cast_cond(z, torch.float32)
 
     def t5_dtype(self, engine: Any) -> torch.dtype | None:
         """An explicit precision for this T5 engine's slot during a generation, else None."""
         if self.active is None:
             return None
-        return self.engine.compute_dtype(_slot_stub("t5xxl", engine.text_encoder))
+        return self.slot_dtype("t5xxl", engine.text_encoder)
 
     # -- patches ------------------------------------------------------------------------------
 
-    def _patch_targets(self) -> list[tuple[Any, str, Callable[..., Any]]]:
+    def patch_targets(self) -> list[sdwebui.PatchTarget]:
         from backend.text_processing.classic_engine import ClassicTextProcessingEngine
         from backend.text_processing.t5_engine import T5TextProcessingEngine
-        from modules import patches
         from modules.processing import StableDiffusionProcessing
 
-        def original(cls: Any, field: str) -> Callable[..., Any]:
-            return patches.original(PATCH_KEY, cls, field) or getattr(cls, field)
+        return [
+            (ClassicTextProcessingEngine, "encode_with_transformers", self._clip_encode_patch),
+            (T5TextProcessingEngine, "encode_with_transformers", self._t5_encode_patch),
+            (StableDiffusionProcessing, "cached_params", self._cached_params_patch),
+        ]
 
-        classic = original(ClassicTextProcessingEngine, "encode_with_transformers")
-        t5 = original(T5TextProcessingEngine, "encode_with_transformers")
-        cached = original(StableDiffusionProcessing, "cached_params")
-
+    def _clip_encode_patch(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def encode_with_transformers(engine: Any, tokens: torch.Tensor) -> torch.Tensor:
-            adapter = _INSTALLED
-            plan = adapter.encode_plan(engine) if adapter is not None else None
-            if plan is None:
-                return classic(engine, tokens)
-            return adapter.encode_clip(engine, tokens, plan)  # type: ignore[union-attr]
+            plan = self.encode_plan(engine)
+            return original(engine, tokens) if plan is None else self.encode_clip(engine, tokens, plan)
 
+        return encode_with_transformers
+
+    def _t5_encode_patch(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def t5_encode_with_transformers(engine: Any, tokens: torch.Tensor) -> torch.Tensor:
-            adapter = _INSTALLED
-            dtype = adapter.t5_dtype(engine) if adapter is not None else None
+            dtype = self.t5_dtype(engine)
             if dtype is None:
-                return t5(engine, tokens)
+                return original(engine, tokens)
             from backend import memory_management
 
             device = memory_management.text_encoder_device()
-            with _autocast_off(device):
+            with autocast_off(device):
                 z = engine.text_encoder(input_ids=tokens.to(device))
             return z.to(torch.float32)
 
+        return t5_encode_with_transformers
+
+    def _cached_params_patch(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def cached_params(p: Any, *args: Any, **kwargs: Any) -> tuple:
-            key = cached(p, *args, **kwargs)
-            adapter = _INSTALLED
-            return key if adapter is None else (*key, adapter.cond_signature())
+            return (*original(p, *args, **kwargs), self.cond_signature())
 
-        return [
-            (ClassicTextProcessingEngine, "encode_with_transformers", encode_with_transformers),
-            (T5TextProcessingEngine, "encode_with_transformers", t5_encode_with_transformers),
-            (StableDiffusionProcessing, "cached_params", cached_params),
-        ]
+        return cached_params
 
-    def install(self) -> None:
-        global _INSTALLED
-        from modules import patches
 
-        if _INSTALLED is self:
-            return
-        for obj, field, replacement in self._patch_targets():
-            if patches.original(PATCH_KEY, obj, field) is not None:
-                patches.undo(PATCH_KEY, obj, field)  # a stale copy (script reload): ours goes on top of Forge's
-            patches.patch(PATCH_KEY, obj, field, replacement)
-        _INSTALLED = self
+def _missing(engine: Any) -> int:
+    """Final blocks Forge's copy of this engine's tower lacks (``core.clip_skip.missing_layers``)."""
+    return cs.missing_layers(engine.embedding_key, len(hf_clip_blocks(engine.text_encoder.transformer)))
 
-    def uninstall(self) -> None:
-        global _INSTALLED
-        from modules import patches
 
-        for obj, field, _ in self._patch_targets():
-            if patches.original(PATCH_KEY, obj, field) is not None:
-                patches.undo(PATCH_KEY, obj, field)
-        if _INSTALLED is self:
-            _INSTALLED = None
+def _forge_plan(family: str, tower: str, engine: Any, n: int) -> TowerPlan:
+    """Forge's own rule for its clip skip ``n``: ``hidden_states[-max(n, minimal)]`` of its copy of the tower."""
+    missing = _missing(engine)
+    skip = max(int(n), engine.minimal_clip_skip) + missing
+    return cs.tower_plan(family, tower, skip, final_ln=bool(engine.final_layer_norm), missing=missing)

@@ -222,17 +222,6 @@ def force(sel: Selection, forced: Mapping[str, Any]) -> Selection:
     return out
 
 
-def with_default_precision(sel: Selection, precision: str | None) -> Selection:
-    """Swapped slots without a precision of their own get ``precision`` (``--te-switch-precision``)."""
-    if not precision or parse_precision(precision) == "auto":
-        return sel
-    out = sel
-    for slot, choice in sel.slots.items():
-        if choice.encoder and choice.precision == "auto":
-            out = out.with_slot(slot, replace(choice, precision=parse_precision(precision)))
-    return out
-
-
 def _with_choice(sel: Selection, slot: str, choice: SlotChoice) -> Selection:
     slots = {k: v for k, v in sel.slots.items() if k != slot}
     if not choice.is_builtin:

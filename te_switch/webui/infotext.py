@@ -1,13 +1,9 @@
-"""Infotext: what a generation records, and how pasting it (PNG Info, "Send to", the API's
-``infotext`` field) restores the panel.
+"""Infotext in the WebUI: what a generation records, and how pasting it (PNG Info, "Send to", the
+API's ``infotext`` field) restores the panel.
 
-Written keys:
-
-* ``Clip skip: N`` — the WebUI's own key, whenever our clip skip is explicit (N=1 too: A1111 would
-  omit it, and a missing key pastes back as Auto);
-* ``Clip skip scope: CLIP-L only|CLIP-G only`` — only when not "both";
-* ``TE CLIP-L: name [short hash]`` (``TE CLIP-G``, ``TE CLIP-H``, ``TE T5-XXL``) per swapped slot, and
-  ``TE CLIP-L precision: fp32`` when not Auto.
+The keys and the text format are the core codec's (``core/infotext.py``): ``Clip skip: N`` whenever
+our clip skip is explicit (N=1 too: A1111 would omit it, and a missing key pastes back as Auto), its
+scope, ``TE CLIP-L: name [short hash]`` per swapped slot and ``TE CLIP-L precision``.
 
 Pasting: the native ``Clip skip`` key stays out of our string paste fields (so the WebUI's
 override of ``CLIP_stop_at_last_layers`` keeps working); ``on_infotext_pasted`` sees the raw text
@@ -16,37 +12,32 @@ override of ``CLIP_stop_at_last_layers`` keeps working); ``on_infotext_pasted`` 
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from te_switch.core.errors import TESwitchError, one_line
+from te_switch.core.infotext import (
+    CLIP_SKIP,
+    OUR_KEYS,
+    SCOPE,
+    clip_skip_entries,
+    encoder_key,
+    precision_key,
+    raw_keys,
+    slot_entries,
+)
+from te_switch.core.infotext import unquote as _unquote
 from te_switch.core.selection import ALL_SLOTS, BUILT_IN, SCOPE_LABELS, SLOT_LABELS, Selection
 from te_switch.webui import compat, library
 from te_switch.webui.args import AUTO, ArgsError, parse_precision, parse_scope, precision_label
 from te_switch.webui.ui import Panel, status_html
 
-CLIP_SKIP = "Clip skip"
-SCOPE = "Clip skip scope"
 # our synthetic paste keys: dots never occur in real infotext keys, so these cannot collide
 PASTE_AUTO = "te_switch.clip_skip_auto"
 PASTE_CLIP_SKIP = "te_switch.clip_skip"
 PASTE_STATUS = "te_switch.status"
-# A1111's infotext parameter pattern (modules/infotext_utils.py re_param_code)
-_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-
-
-def encoder_key(slot: str) -> str:
-    return f"TE {SLOT_LABELS[slot]}"
-
-
-def precision_key(slot: str) -> str:
-    return f"TE {SLOT_LABELS[slot]} precision"
-
-
-OUR_KEYS = (SCOPE, *(k for slot in ALL_SLOTS for k in (encoder_key(slot), precision_key(slot))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,19 +46,13 @@ OUR_KEYS = (SCOPE, *(k for slot in ALL_SLOTS for k in (encoder_key(slot), precis
 
 def entries(sel: Selection, slots: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The infotext entries for an effective selection (``slots``: the model's; None = all)."""
-    out: dict[str, Any] = {}
-    if sel.clip_skip is not None:
-        out[CLIP_SKIP] = sel.clip_skip
-        if sel.scope != "both":
-            out[SCOPE] = SCOPE_LABELS[sel.scope]
+    out = clip_skip_entries(sel)
     for slot in ALL_SLOTS:
         if slots is not None and slot not in slots:
             continue
         choice = sel.slot(slot)
-        if choice.encoder:
-            out[encoder_key(slot)] = library.infotext_value(choice.encoder)
-        if choice.precision != "auto":
-            out[precision_key(slot)] = choice.precision
+        encoder = library.infotext_value(choice.encoder) if choice.encoder else None
+        out.update(slot_entries(slot, encoder, choice.precision))
     return out
 
 
@@ -84,13 +69,6 @@ def write(p: Any, sel: Selection, slots: tuple[str, ...] | None = None) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # reading
-
-
-def raw_keys(infotext: str) -> set[str]:
-    """The keys the parameter line of ``infotext`` really has (before any parser adds defaults)."""
-    *_, last = (infotext or "").strip().split("\n")
-    found = _PARAM.findall(last)
-    return {k.strip() for k, _ in found} if len(found) >= 3 else set()
 
 
 @dataclass
@@ -112,17 +90,6 @@ class Pasted:
             out[slot] = self.encoders.get(slot) or BUILT_IN
             out[f"{slot}_precision"] = self.precisions.get(slot, "auto")
         return out
-
-
-def _unquote(value: Any) -> Any:
-    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
-        try:
-            import json
-
-            return json.loads(value)
-        except ValueError:
-            return value
-    return value
 
 
 def read(infotext: str, params: Mapping[str, Any]) -> Pasted:

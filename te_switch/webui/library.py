@@ -2,8 +2,8 @@
 what users type (labels, ``name [hash]`` from infotext, paths) into a checked encoder.
 
 Folders: ``<models>/CLIP`` (A1111's SD3 convention), ``<models>/text_encoder`` (Forge),
-``<models>/text_encoders`` (ComfyUI, reForge), Forge's ``--text-encoder-dir``, every
-``--te-switch-dir`` and the folders in the ``te_switch_extra_dirs`` setting. The header/hash cache
+``<models>/text_encoders`` (ComfyUI, reForge), Forge's ``--text-encoder-dir``, and the folders in
+the ``te_switch_extra_dirs`` setting (``--te-switch-dir`` adds to that setting at start-up). The header/hash cache
 lives in the WebUI's cache folder (``SD_WEBUI_CACHE_DIR``, default ``<data>/cache``), never in
 the extension's own tree.
 """
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from te_switch.core.detect import TowerInfo
 from te_switch.core.errors import TESwitchError, one_line
+from te_switch.core.infotext import encoder_value
 from te_switch.core.library import SHORT_HASH_LEN, EncoderChoice, EncoderFile, EncoderLibrary, file_identity
 from te_switch.core.selection import KINDS_BY_SLOT, SLOT_LABELS
 from te_switch.hosts.engine import EncoderSource
@@ -93,7 +94,6 @@ def encoder_folders() -> list[str]:
     forge_dir = getattr(cmd, "text_encoder_dir", None) if cmd is not None else None
     if isinstance(forge_dir, str) and forge_dir:
         folders.append(forge_dir)
-    folders += list(getattr(cmd, "te_switch_dir", None) or []) if cmd is not None else []
     opts = _opts()
     if opts is not None:
         folders += split_folders(getattr(opts, "te_switch_extra_dirs", ""))
@@ -282,7 +282,7 @@ def cached_short_hash(path: str) -> str | None:
 def infotext_value(label: str) -> str:
     """'name [short hash]' for the infotext."""
     choice = lookup(label)
-    return f"{choice.label} [{short_hash(choice)}]"
+    return encoder_value(choice.label, short_hash(choice))
 
 
 def source_for(slot: str, label: str) -> EncoderSource:

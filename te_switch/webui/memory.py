@@ -83,12 +83,3 @@ def recall(checkpoint: str) -> Selection | None:
     except (ArgsError, ValueError) as e:
         log.warning("TE Switch: ignoring the remembered choices for %s: %s", checkpoint, e)
         return None
-
-
-def recall_current() -> Selection | None:
-    """The panel's memory for the loaded checkpoint, when the option is on."""
-    if not enabled():
-        return None
-    from te_switch.webui import runtime
-
-    return recall(runtime.checkpoint_key())

@@ -9,6 +9,7 @@ restored after the generation (``process_images`` only restores keys present in 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from te_switch.core.selection import ALL_SLOTS, BUILT_IN, CLIP_SKIP_MAX, SLOT_LABELS, Selection
@@ -25,10 +26,12 @@ log = logging.getLogger(__name__)
 SECTION = ("te_switch", "CLIP Skip & Text Encoders", "sd")
 CLIP_SKIP = "te_switch_clip_skip"
 SCOPE = "te_switch_scope"
-TAB_FROM_GLOBAL = "te_switch_tab_from_global"
 QUICKSETTINGS = "te_switch_quicksettings"
 PER_CHECKPOINT = "te_switch_per_checkpoint"
 EXTRA_DIRS = "te_switch_extra_dirs"
+# settings and flags of earlier versions: what register() does with a saved value (README "Settings")
+REMOVED_SETTINGS = ("te_switch_tab_from_global",)  # the Auto slider now always rests on the global layer
+REMOVED_PRECISION_FLAG = "te_switch_precision"  # --te-switch-precision: precision is chosen per slot
 CLIP_SKIP_CHOICES = (AUTO, *(str(n) for n in range(1, CLIP_SKIP_MAX + 1)))
 # A1111 names the quicksettings list `quicksettings_list`; Forge 2 renamed it `quick_setting_list`
 QUICKSETTINGS_LISTS = ("quick_setting_list", "quicksettings_list")
@@ -44,7 +47,7 @@ def precision_key(slot: str) -> str:
 
 def all_keys() -> tuple[str, ...]:
     per_slot = tuple(k for slot in ALL_SLOTS for k in (encoder_key(slot), precision_key(slot)))
-    return (CLIP_SKIP, SCOPE, TAB_FROM_GLOBAL, QUICKSETTINGS, *per_slot, PER_CHECKPOINT, EXTRA_DIRS)
+    return (CLIP_SKIP, SCOPE, QUICKSETTINGS, *per_slot, PER_CHECKPOINT, EXTRA_DIRS)
 
 
 def _shared() -> Any:
@@ -101,9 +104,6 @@ def templates() -> dict[str, Any]:
             "used when a tab's CLIP Skip is on Auto; Auto = the model's own layer. Works on SD1, SD2, SDXL, SD3"
         ),
         SCOPE: info("both", "CLIP Skip applies to (SDXL, SD3)", gr.Radio, {"choices": list(SCOPE_CHOICES)}),
-        TAB_FROM_GLOBAL: info(True, "Tab slider starts from the global value").info(
-            "while a tab is on Auto its slider rests on this setting's layer (else on the model's native one)"
-        ),
         QUICKSETTINGS: info(False, "Show CLIP Skip in the quicksettings bar", onchange=toggle_quicksettings)
         .info("adds te_switch_clip_skip to the quicksettings list")
         .needs_reload_ui(),
@@ -120,7 +120,7 @@ def templates() -> dict[str, Any]:
         "the tab panel comes back with the last choices used with the loaded checkpoint"
     )
     items[EXTRA_DIRS] = info("", "Extra encoder folders", gr.Textbox, {"lines": 2}, onchange=_rescan_folders).info(
-        "one per line; models/CLIP, models/text_encoder(s) and --te-switch-dir are always scanned"
+        "one per line (--te-switch-dir adds its folders here); models/CLIP and models/text_encoder(s) are always scanned"
     )
     return shared.options_section(SECTION, items)
 
@@ -139,6 +139,30 @@ def register() -> None:
     in_bar = CLIP_SKIP in (getattr(opts, quicksettings_list_key(opts), None) or [])
     if bool(opts.data.get(QUICKSETTINGS)) != in_bar:
         opts.data[QUICKSETTINGS] = in_bar  # someone edited the list by hand: reflect it
+    migrate(opts, getattr(shared, "cmd_opts", None))
+
+
+def migrate(opts: Any, cmd_opts: Any) -> None:
+    """Earlier versions' settings and flags, and ``--te-switch-dir``, into today's one mechanism each.
+
+    * ``--te-switch-dir DIR``: DIR joins the *Extra encoder folders* setting (shown there; saved with
+      the settings like any folder typed in), so the setting lists every extra folder that is scanned.
+    * ``te_switch_tab_from_global`` (removed): dropped from the saved settings; the Auto slider rests on
+      the global CLIP Skip when one is set, else on the model's native layer (the old default).
+    * ``--te-switch-precision`` (removed): ignored, said once; precision is per slot (settings or tab).
+    """
+    for folder in getattr(cmd_opts, "te_switch_dir", None) or []:
+        current = str(opts.data.get(EXTRA_DIRS) or "")
+        listed = {os.path.abspath(f) for f in library.split_folders(current)}
+        if os.path.abspath(folder) not in listed:
+            opts.data[EXTRA_DIRS] = f"{current.rstrip()}\n{folder}".lstrip("\n")
+    for key in REMOVED_SETTINGS:
+        opts.data.pop(key, None)
+    if getattr(cmd_opts, REMOVED_PRECISION_FLAG, None):
+        print(
+            "TE Switch: --te-switch-precision is no longer supported and is ignored; choose a precision per "
+            "encoder slot in Settings → CLIP Skip & Text Encoders, or on the tab's panel"
+        )
 
 
 def global_selection(opts: Any = None) -> Selection:

@@ -14,8 +14,8 @@ from te_switch.core.clip_skip import NATIVE_SKIP, clip_towers
 from te_switch.core.errors import one_line
 from te_switch.core.selection import SLOT_LABELS, Selection
 from te_switch.hosts.base import HostAdapter
-from te_switch.webui import library, options
-from te_switch.webui.args import ArgsError, force, merge, parse_clip_skip, with_default_precision
+from te_switch.webui import library, memory, options
+from te_switch.webui.args import ArgsError, force, merge, parse_clip_skip
 from te_switch.webui.ui import PanelBackend
 
 log = logging.getLogger(__name__)
@@ -85,20 +85,10 @@ def checkpoint_hash(model: Any = None) -> str | None:
 # levels
 
 
-def cmd_precision() -> str | None:
-    try:
-        from modules import shared
-    except ImportError:
-        return None
-    return getattr(getattr(shared, "cmd_opts", None), "te_switch_precision", None)
-
-
 def effective(panel: Selection, forced: Mapping[str, Any] | None = None) -> Selection:
     """X/Y/Z values > the tab panel > global options (incl. override_settings) > Auto/Built-in."""
     sel = merge(panel, options.global_selection())
-    if forced:
-        sel = force(sel, forced)
-    return with_default_precision(sel, cmd_precision())
+    return force(sel, forced) if forced else sel
 
 
 def effective_for_display(panel: Selection) -> Selection:
@@ -174,11 +164,9 @@ def resting_clip_skip() -> int:
     try:
         from modules import shared
 
-        opts = shared.opts
-        if getattr(opts, options.TAB_FROM_GLOBAL, True):
-            n = parse_clip_skip(getattr(opts, options.CLIP_SKIP, "Auto"))
-            if n is not None:
-                return n
+        n = parse_clip_skip(getattr(shared.opts, options.CLIP_SKIP, "Auto"))
+        if n is not None:
+            return n
     except (ImportError, ValueError, AttributeError):
         pass
     fam = family()
@@ -214,9 +202,12 @@ def long_clip_hint(panel: Selection) -> str:
     return f"Long-CLIP: {chunk}-token chunks after the next generation"
 
 
-def panel_backend() -> PanelBackend:
-    from te_switch.webui import memory
+def remembered_panel() -> Selection | None:
+    """The panel's memory for the loaded checkpoint, when the option is on."""
+    return memory.recall(checkpoint_key()) if memory.enabled() else None
 
+
+def panel_backend() -> PanelBackend:
     return PanelBackend(
         describe=describe,
         slot_names=slot_names,
@@ -229,5 +220,5 @@ def panel_backend() -> PanelBackend:
         hint=long_clip_hint,
         resting_clip_skip=resting_clip_skip,
         model_key=checkpoint_key,
-        remembered=memory.recall_current,
+        remembered=remembered_panel,
     )

@@ -2,7 +2,7 @@
 
 * Hub: A1111 calls ``CLIPTokenizer.from_pretrained("openai/clip-vit-large-patch14")`` and builds
   ``CLIPTextModel`` from that repo's ``config.json``. Here repo names map to the real tokenizer
-  (written offline from open_clip's BPE by ``te_switch.tokenizers``) and to small configs: real
+  (written offline from open_clip's BPE by ``te_switch.standalone.tokenizers``) and to small configs: real
   depths (12/24/32 layers) because clip-skip semantics depend on them, small widths because
   nothing here does. CLIP-L is 64 wide, OpenCLIP-H 96, OpenCLIP-G 80, so a tower mix-up changes
   shapes.
@@ -50,7 +50,7 @@ OPENCLIP_ARCHS = {
 
 @functools.cache
 def tokenizer_folder() -> str:
-    from te_switch.tokenizers import write_clip_tokenizer
+    from te_switch.standalone.tokenizers import write_clip_tokenizer
 
     return write_clip_tokenizer(tempfile.mkdtemp(prefix="fake-hub-clip-"))
 

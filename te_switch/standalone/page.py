@@ -15,45 +15,28 @@ import sys
 import threading
 from typing import Any
 
-from te_switch.compare import Model, open_model
 from te_switch.core.clip_skip import NATIVE_SKIP, clip_towers
-from te_switch.core.detect import TowerInfo
 from te_switch.core.errors import TESwitchError, one_line
 from te_switch.core.longclip import chunk_length
 from te_switch.core.selection import KINDS_BY_SLOT, Selection
+from te_switch.standalone.demo import DEMO_STEPS
+from te_switch.standalone.generate import default_size, generate
+from te_switch.standalone.model import Model, open_model
+from te_switch.standalone.table import HEAD, tower_row
 from te_switch.webui.args import ArgsError, selection_from_args
+from te_switch.webui.library import describe_tower
 from te_switch.webui.ui import PanelBackend, build_panel
 
 ELEM_PREFIX = "te_switch_"
 # the WebUIs style the panel's tool button small; a bare Gradio page needs telling
 CSS = ".te-switch-refresh { max-width: 3.5em !important; min-width: 3.5em !important; } .te-switch-over { color: #c0392b; }"
-INSPECT_HEAD = ["file", "tower", "kind", "layout", "layers", "pos", "dtypes", "params", "quant", "notes"]
-
-
-KIND_WORDS = {
-    "clip-l": "CLIP-L",
-    "long-clip-l": "Long-CLIP-L",
-    "clip-g": "CLIP-G",
-    "clip-h": "CLIP-H",
-    "t5-xxl": "T5-XXL",
-}
+# the library table without the vocabulary column
+INSPECT_COLUMNS = [i for i, name in enumerate(HEAD) if name != "vocab"]
+INSPECT_HEAD = [HEAD[i] for i in INSPECT_COLUMNS]
 
 
 def elem_id(item: str) -> str:
     return ELEM_PREFIX + item
-
-
-def describe_tower(tower: TowerInfo) -> str:
-    """The dropdown's decoration, as the WebUI panel writes it ('Long-CLIP-L · 248 · fp8'): the panel's
-    ``args.strip_decoration`` takes it off again."""
-    parts = [KIND_WORDS.get(tower.kind or "", tower.kind or "?")]
-    if tower.positions and tower.positions != 77:
-        parts.append(str(tower.positions))
-    if tower.quant:
-        parts.append({"scaled-fp8": "scaled fp8", "gguf": "GGUF"}.get(tower.quant, tower.quant))
-    if tower.prefix:
-        parts.append("from checkpoint")
-    return " · ".join(parts)
 
 
 class LocalBackend:
@@ -140,9 +123,9 @@ class LocalBackend:
         try:
             selection = selection_from_args(panel_values)
             with self.lock:
-                result = self.adapter.generate(
-                    selection, prompt or "", negative or "", seed=int(seed), steps=int(steps), size=int(size),
-                    guidance=float(guidance),
+                result = generate(
+                    self.adapter, selection, prompt or "", negative or "", seed=int(seed), steps=int(steps),
+                    size=int(size), guidance=float(guidance), model_name=self.model.name,
                 )  # fmt: skip
         except (TESwitchError, ArgsError, ValueError) as e:
             self.error = one_line(e)
@@ -155,17 +138,15 @@ class LocalBackend:
         return result.image, result.infotext, line
 
     def inspect_rows(self) -> list[list[str]]:
-        from te_switch.cli import _row
-
         library = self.model.library
         if library is None:
             return []
         rows = []
         for file in library.files:
             for tower in file.towers:
-                row = _row(tower)
+                row = tower_row(tower)
                 row[0] = file.name
-                rows.append([row[0], row[1], row[2], row[3], row[4], row[5], row[7], row[8], row[9], row[10]])
+                rows.append([row[i] for i in INSPECT_COLUMNS])
         return rows
 
 
@@ -235,17 +216,13 @@ def _launch_css(gr: Any) -> dict[str, str]:
 
 
 def _default_size(adapter: Any) -> int:
-    from te_switch.hosts.diffusers import _size
-
     try:
-        return _size(adapter.pipe, None)[0]
+        return default_size(adapter.pipe)[0]
     except (AttributeError, TypeError):
         return 512
 
 
 def _default_steps(model: Model) -> int:
-    from te_switch.demo import DEMO_STEPS
-
     return DEMO_STEPS if model.is_demo else 20
 
 

@@ -2,8 +2,8 @@
 
 Rows are encoders, columns are clip-skip values repeated per seed. The PNG carries every cell's
 settings as WebUI infotext: ``parameters`` holds the first cell's (what PNG Info shows), and
-``te_switch.grid`` a JSON document with the layout and, per cell, its infotext and timings —
-:func:`read_grid` parses it back.
+``te_switch.grid`` a JSON document with the layout and, per cell, its infotext and timings
+(``core.infotext.parse_infotext`` reads each back).
 """
 
 from __future__ import annotations
@@ -18,61 +18,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from te_switch.core.errors import TESwitchError
-from te_switch.core.library import EncoderLibrary
-from te_switch.core.selection import BUILT_IN, SLOT_LABELS, Selection, SlotChoice, parse_clip_skip
-from te_switch.hosts.diffusers import DiffusersAdapter, GenerationResult, parse_infotext
+from te_switch.core.selection import BUILT_IN, KINDS_BY_SLOT, SLOT_LABELS, Selection, SlotChoice, parse_clip_skip
+from te_switch.hosts.diffusers import DiffusersAdapter
+from te_switch.standalone.demo import DEMO_STEPS
+from te_switch.standalone.generate import GenerationResult, generate
+from te_switch.standalone.model import Model, open_model
 
 GRID_KEY = "te_switch.grid"
 GRID_VERSION = 1
 LABEL_WIDTH = 260
 HEADER_HEIGHT = 46
 PAD = 4
-
-
-@dataclass
-class Model:
-    """An opened model: the adapter over its pipeline, and what to tell users about it."""
-
-    adapter: DiffusersAdapter
-    name: str
-    is_demo: bool
-    note: str = ""
-    library: EncoderLibrary | None = None
-
-
-def open_model(model: str | None = None, config: str | None = None, encoder_dirs: Sequence[str] = ()) -> Model:
-    """``model`` (a diffusers folder, or a single file with ``config``), or the built-in demo when None."""
-    from te_switch import demo
-    from te_switch.hosts.diffusers import load_pipeline
-
-    folders = [os.path.abspath(d) for d in encoder_dirs]
-    for folder in folders:
-        if not os.path.isdir(folder):
-            raise TESwitchError(f"--encoders-dir {folder}: no such folder")
-    if model is None:
-        started = time.perf_counter()
-        fresh = not os.path.isdir(demo.demo_dir())
-        if fresh:
-            print(f"creating the demo model in {demo.demo_dir()} (once) ...", file=sys.stderr, flush=True)
-        the_demo = demo.ensure_demo()
-        if fresh:
-            size = demo.folder_size(the_demo.root) / 1e6
-            print(f"demo ready: {size:.0f} MB in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
-        pipe = demo.load_demo_pipeline(the_demo)
-        library = EncoderLibrary([the_demo.encoders, *folders], cache_file=_library_cache())
-        adapter = DiffusersAdapter(pipe, library, model_name=demo.DEMO_MODEL_NAME)
-        return Model(adapter, demo.DEMO_MODEL_NAME, True, demo.NOTE, library)
-    pipe = load_pipeline(model, config=config)
-    pipe.set_progress_bar_config(disable=True)
-    library = EncoderLibrary(folders, cache_file=_library_cache()) if folders else None
-    name = os.path.basename(os.path.normpath(model))
-    return Model(DiffusersAdapter(pipe, library, model_name=name), name, False, "", library)
-
-
-def _library_cache() -> str:
-    from te_switch.demo import cache_root
-
-    return os.path.join(cache_root(), "library.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,8 +65,6 @@ def parse_encoders(text: str | None, model: Model) -> list[str]:
 
 
 def _slot_of_kind(kind: str | None) -> str | None:
-    from te_switch.core.selection import KINDS_BY_SLOT
-
     return next((slot for slot, kinds in KINDS_BY_SLOT.items() if kind in kinds), None)
 
 
@@ -192,9 +146,10 @@ def run(
                 col = s_index * len(clip_skips) + n_index
                 if progress:
                     progress(done, total, f"{name} · {columns[col].splitlines()[0]}")
-                result = adapter.generate(
-                    selection, prompt, negative, seed=seed, steps=steps, size=size, guidance=guidance
-                )
+                result = generate(
+                    adapter, selection, prompt, negative, seed=seed, steps=steps, size=size, guidance=guidance,
+                    model_name=model.name,
+                )  # fmt: skip
                 grid.cells.append(Cell(r, col, name, clip_skip, seed, result))
                 done += 1
     adapter.apply(Selection())  # leave the pipeline as it came
@@ -262,13 +217,13 @@ def render(grid: Grid) -> Any:
         for j, line in enumerate(label.splitlines()):
             draw.text((8, y0 + 4 + j * 17), _fit(draw, line, LABEL_WIDTH - 12, small), fill="black", font=small)
     for cell in grid.cells:
-        x, y = _origin(grid, cell, title_h, cell_w, cell_h)
+        x, y = _origin(cell, title_h, cell_w, cell_h)
         canvas.paste(cell.result.image, (x, y))
     canvas.info["te_switch_title_height"] = title_h
     return canvas
 
 
-def _origin(grid: Grid, cell: Cell, title_h: int, cell_w: int, cell_h: int) -> tuple[int, int]:
+def _origin(cell: Cell, title_h: int, cell_w: int, cell_h: int) -> tuple[int, int]:
     return LABEL_WIDTH + PAD + cell.col * (cell_w + PAD), title_h + HEADER_HEIGHT + cell.row * (cell_h + PAD)
 
 
@@ -294,7 +249,7 @@ def grid_document(grid: Grid, image: Any) -> dict[str, Any]:
             {
                 "row": c.row,
                 "col": c.col,
-                "box": [*_origin(grid, c, title_h, cell_w, cell_h), cell_w, cell_h],
+                "box": [*_origin(c, title_h, cell_w, cell_h), cell_w, cell_h],
                 "infotext": c.result.infotext,
                 "timings": {k: round(v, 4) for k, v in c.result.timings.items()},
                 "warnings": c.result.warnings,
@@ -318,20 +273,6 @@ def save(grid: Grid, path: str) -> Any:
     image.save(tmp, pnginfo=info)
     os.replace(tmp, path)
     return image
-
-
-def read_grid(path: str) -> dict[str, Any]:
-    """The grid document of a PNG written by :func:`save`, each cell with its parsed ``params``."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        text = image.text.get(GRID_KEY)  # type: ignore[attr-defined]
-    if text is None:
-        raise TESwitchError(f"{path}: not a TE Switch comparison grid (no {GRID_KEY} text chunk)")
-    doc = json.loads(text)
-    for cell in doc["cells"]:
-        cell["params"] = parse_infotext(cell["infotext"])
-    return doc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,8 +316,6 @@ def main(args: Any) -> int:
     clip_skips = parse_clip_skips(args.clip_skip)
     seeds = parse_seeds(args.seeds)
     encoders = parse_encoders(args.encoders, model)
-    from te_switch.demo import DEMO_STEPS
-
     steps = args.steps or (DEMO_STEPS if model.is_demo else 20)
     if model.is_demo:
         print(f"note: {model.note}", file=sys.stderr)

@@ -12,13 +12,7 @@ from te_switch.core.detect import TowerInfo, detect, inspect_path
 from te_switch.core.errors import TESwitchError, one_line
 from te_switch.core.readers import iter_weight_files, open_file
 from te_switch.core.tensors import PRECISIONS
-
-
-def _human(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(n)
+from te_switch.standalone.table import format_table, tower_row
 
 
 def _expand(paths: Sequence[str]) -> list[str]:
@@ -51,32 +45,6 @@ def check_values(info: TowerInfo) -> None:
         info.error = f"{os.path.basename(info.path)}: tensor {bad} holds NaN or Inf values"
 
 
-def _row(t: TowerInfo) -> list[str]:
-    shape = f"{t.layers}x{t.width}" if t.layers and t.width else ""
-    what = t.error or t.note or ", ".join(t.features)
-    return [
-        os.path.basename(t.path),
-        t.tower or "",
-        t.kind or "error",
-        t.layout or "",
-        shape,
-        str(t.positions or ""),
-        str(t.vocab or ""),
-        ",".join(t.dtypes),
-        _human(t.params) if t.params else "",
-        t.quant or "",
-        what,
-    ]
-
-
-def _print_table(rows: list[list[str]]) -> None:
-    head = ["file", "tower", "kind", "layout", "layers", "pos", "vocab", "dtypes", "params", "quant", "notes"]
-    table = [head, *rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(head) - 1)]
-    for r in table:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     towers: list[TowerInfo] = []
     for path in _expand(args.paths):
@@ -89,7 +57,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             for t in found:
                 print(json.dumps(t.to_json()), flush=True)
     if not args.json:
-        _print_table([_row(t) for t in towers])
+        print(format_table([tower_row(t) for t in towers]))
     return 1 if any(t.error for t in towers) else 0
 
 
@@ -153,15 +121,15 @@ def _standalone(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from te_switch import compare
+    from te_switch.standalone import compare
 
     return _standalone(compare.main, args)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from te_switch import localui
+    from te_switch.standalone import page
 
-    return _standalone(localui.main, args)
+    return _standalone(page.main, args)
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:

@@ -85,12 +85,3 @@ def write_clip_tokenizer(folder: str, *, pad_token: str = "<|endoftext|>", max_l
     with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     return folder
-
-
-def clip_tokenizer(folder: str, *, pad_token: str = "<|endoftext|>", max_length: int = 77):
-    """A transformers ``CLIPTokenizer`` (written to ``folder`` first if it is not there yet)."""
-    from transformers import CLIPTokenizer
-
-    if not os.path.isfile(os.path.join(folder, "vocab.json")):
-        write_clip_tokenizer(folder, pad_token=pad_token, max_length=max_length)
-    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)

@@ -23,6 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
+from te_switch.core.convert import canonical_to_openclip
+from te_switch.core.longclip import stretch_positions
+from te_switch.standalone.cache import cache_root
+from te_switch.standalone.pipeline import load_pipeline
+from te_switch.standalone.tokenizers import write_clip_tokenizer
+
 DEMO_VERSION = 1
 DEMO_MODEL_NAME = "te-switch-demo-sd15"
 SEED = 20240611
@@ -71,19 +77,8 @@ class Demo:
         return os.path.join(self.encoders, name)
 
 
-def cache_root() -> str:
-    """``$TE_SWITCH_CACHE`` or ``~/.cache/te_switch``."""
-    return os.path.abspath(os.path.expanduser(os.environ.get("TE_SWITCH_CACHE") or "~/.cache/te_switch"))
-
-
 def demo_dir(root: str | None = None) -> str:
     return os.path.join(root or cache_root(), "demo")
-
-
-def is_demo(path: str) -> bool:
-    """True when ``path`` is (inside) a demo created by this module."""
-    folder = os.path.abspath(path)
-    return any(_manifest(candidate) is not None for candidate in (folder, os.path.dirname(folder)))
 
 
 def _manifest(folder: str) -> dict | None:
@@ -199,9 +194,6 @@ def _fp8_matrices(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _write_encoders(folder: str, tokens: torch.Tensor) -> None:
-    from te_switch.core.convert import canonical_to_openclip
-    from te_switch.core.longclip import stretch_positions
-
     os.makedirs(folder, exist_ok=True)
     alt = {k: v.half() for k, v in clip_l_state("alt", tokens).items()}
     _save(os.path.join(folder, "clip-l-alt.safetensors"), alt, {"te_switch.demo": ENCODERS["clip-l-alt.safetensors"]})
@@ -234,8 +226,6 @@ def _write_text_encoder(folder: str, tokens: torch.Tensor) -> None:
 
 def _write_pipeline(folder: str, tokens: torch.Tensor) -> None:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-
-    from te_switch.tokenizers import write_clip_tokenizer
 
     unet = UNet2DConditionModel(
         sample_size=DEMO_SIZE // 8,
@@ -308,8 +298,6 @@ def build_demo(folder: str) -> Demo:
 
 def load_demo_pipeline(demo: Demo | None = None) -> object:
     """The demo pipeline (fp32 on CPU: it is tiny, and fp16 on CPU is slow)."""
-    from te_switch.hosts.diffusers import load_pipeline
-
     demo = demo or ensure_demo()
     pipe = load_pipeline(demo.pipeline, dtype=torch.float32, device="cpu")
     pipe.set_progress_bar_config(disable=True)
