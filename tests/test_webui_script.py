@@ -113,7 +113,7 @@ def test_override_settings_per_request_and_restored(host: FakeHost) -> None:
 
     generate(NEUTRAL, override={"te_switch_clip_skip": "2", "te_switch_precision_clip_l": "fp16"})
     assert applied(host) == Selection(2, "both", {"clip_l": SlotChoice(None, "fp16")})
-    assert shared.opts.te_switch_clip_skip == "Auto"  # restored afterwards (the default is in opts.data)
+    assert shared.opts.te_switch_clip_skip == 0  # restored afterwards (the default is in opts.data)
 
 
 def test_xyz_values_win_even_auto(host: FakeHost, webui: dict[str, Path]) -> None:  # noqa: F811

@@ -4,10 +4,11 @@ One generation:
 
 * ``process`` (after ``override_settings`` are applied — ``before_process`` runs before them, so a
   per-request ``{"te_switch_clip_skip": "2"}`` would be missed there — and before any
-  conditioning): build the effective Selection (X/Y/Z > panel > options > Auto/Built-in), write
+  conditioning): build the effective Selection (X/Y/Z > panel > options > Auto/Built-in; with the
+  automatic mode on, an Auto clip skip becomes what the checkpoint and the prompt's LoRAs agree on), write
   the infotext, make the model match it (``host.apply``, atomic) and start the encode patches
   (``host.begin``);
-* ``postprocess``: ``host.end()``, remember the panel per checkpoint (opt-in). ``end`` also runs
+* ``postprocess``: ``host.end()``, remember the panel per checkpoint and its clip skip per LoRA (opt-in). ``end`` also runs
   from ``StableDiffusionProcessing.close`` (patched), which every WebUI caller reaches through
   ``with closing(p)`` even when the generation raised.
 
@@ -25,7 +26,7 @@ from typing import Any
 
 from te_switch.core.errors import TESwitchError, one_line
 from te_switch.core.selection import ALL_SLOTS, Selection, SlotChoice
-from te_switch.webui import compat, infotext, library, memory, runtime, xyz
+from te_switch.webui import compat, infotext, library, memory, recommend, runtime, xyz
 from te_switch.webui.args import ArgsError, selection_from_args
 from te_switch.webui.ui import TITLE, build_panel
 
@@ -119,6 +120,7 @@ def start(p: Any, args: tuple[Any, ...]) -> RunState:
     try:
         run.panel = selection_from_args(args)
         sel = resolve(runtime.effective(run.panel, xyz.forced(p)), live_slots(host))
+        sel = recommend.apply_automatic(p, sel)  # Auto everywhere + the automatic mode: the models' value
         infotext.write(p, sel, live_slots(host))
     except (ArgsError, TESwitchError, ValueError, OSError) as e:
         fail(p, one_line(e) if isinstance(e, TESwitchError | OSError) else str(e))
@@ -173,6 +175,7 @@ def finish(p: Any) -> None:
         memory.remember(runtime.checkpoint_key(), run.panel, short_hash=runtime.checkpoint_hash())
     except OSError as e:
         print(f"{runtime.PREFIX}cannot save the per-checkpoint memory: {one_line(e)}")
+    recommend.remember(p, run.panel.clip_skip)
 
 
 class TESwitchScript(_ScriptBase):
