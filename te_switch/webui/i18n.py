@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from typing import Any
 
@@ -55,3 +56,28 @@ def tr(text: str, /, **fields: Any) -> str:
         return template.format(**fields) if fields else template
     except (KeyError, IndexError, ValueError):  # a broken translation must not hide the message
         return text.format(**fields) if fields else text
+
+
+# the pieces of lines other layers build (the effective-layer line, host notes): pattern -> key
+PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^(?P<tower>CLIP-[LGH]) layer (?P<n>\d+)/(?P<total>\d+)$"), "{tower} layer {n}/{total}"),
+    (re.compile(r"^Long-CLIP: (?P<n>\d+)-token chunks after the next generation$"),
+     "Long-CLIP: {n}-token chunks after the next generation"),
+    (re.compile(r"^(?P<model>\w+) uses only T5: clip skip has no effect, and encoder swaps are not available$"),
+     "{model} uses only T5: clip skip has no effect, and encoder swaps are not available"),
+)  # fmt: skip
+
+
+def tr_line(line: str) -> str:
+    """Translate a line made of " · "-separated parts (and "; "-separated notes), piece by piece."""
+    if not current() or not line:
+        return line
+
+    def piece(text: str) -> str:
+        for pattern, key in PATTERNS:
+            match = pattern.match(text)
+            if match:
+                return tr(key, **match.groupdict())
+        return tr(text)
+
+    return " · ".join("; ".join(piece(note) for note in part.split("; ")) for part in line.split(" · "))

@@ -170,6 +170,20 @@ def register() -> None:
         opts.data[QUICKSETTINGS] = in_bar  # someone edited the list by hand: reflect it
 
 
+def global_clip_skip() -> int | None:
+    """The page's clip skip (the top-bar slider; None = Auto)."""
+    return stored_clip_skip(getattr(_shared().opts, CLIP_SKIP, CLIP_SKIP_AUTO)) or None
+
+
+def set_global_clip_skip(n: int | None) -> None:
+    """Set it from a tab (the tab and the bar show one value), saved like a quicksettings change."""
+    shared = _shared()
+    if shared.opts.set(CLIP_SKIP, CLIP_SKIP_AUTO if n is None else int(n)):
+        config = getattr(shared, "config_filename", None)
+        if config:
+            shared.opts.save(config)
+
+
 def global_selection(opts: Any = None) -> Selection:
     """The options as a Selection (the level under the tab panel); bad values raise ArgsError."""
     if opts is None:

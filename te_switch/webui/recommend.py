@@ -169,12 +169,10 @@ def model_label(model: ModelAdvice) -> str:
 
 def source_text(finding: Finding) -> str:
     if finding.source == "yours":
-        return tr("your setting for it")
+        return tr("remembered")
     if finding.source == "card":
-        return tr(
-            "its card’s {field}",
-            field=tr(finding.detail) if finding.detail in ("notes", "description") else finding.detail,
-        )
+        field = {"notes": tr("notes"), "description": tr("description")}.get(finding.detail, finding.detail)
+        return tr("its card’s {field}", field=field)
     if finding.source == "file":
         return tr("from its file")
     count, _, total = finding.detail.partition("/")
@@ -187,6 +185,8 @@ def finding_text(model: ModelAdvice, finding: Finding, *, alone: bool) -> str:
         subject = tr("This checkpoint")
     else:
         subject = tr("This LoRA") if alone else tr("LoRA “{name}”", name=model.name)
+    if finding.source == "yours":
+        return tr("{subject}: you used Clip skip {n} with it (remembered)", subject=subject, n=finding.value)
     if finding.source == "file":
         return tr("{subject} was trained with Clip skip {n} ({source})", subject=subject, n=finding.value,
                   source=source_text(finding))  # fmt: skip
@@ -247,6 +247,27 @@ def lines(advice: Advice, current: int | None, *, auto: bool) -> tuple[list[str]
         return out + notes, None
     out[-1] += you_use
     return out + notes, (offer if offer != current else None)
+
+
+def for_panel(prompt: str, sel: Selection) -> tuple[list[str], int | None]:
+    """The panel's lines for the tab's prompt and selection (the levels under the tab included)."""
+    effective = runtime.effective_for_display(sel)
+    return lines(advice_for([prompt]), current_clip_skip(effective), auto=effective.clip_skip is None)
+
+
+def explanation() -> str:
+    """The feature's one explanation, with the state of its two settings."""
+    on, off = tr("on"), tr("off")
+    return tr(
+        "Per model: a clip skip you used with a model counts first, then its card, its file, its sample images. "
+        "Remembering: {memory} · Auto follows them: {automatic} (Settings › CLIP Skip & Text Encoders)",
+        memory=on if memory.enabled() else off,
+        automatic=on if automatic() else off,
+    )
+
+
+def use_label(n: int) -> str:
+    return tr("Use {n}", n=n)
 
 
 def payload(advice: Advice) -> dict[str, Any]:

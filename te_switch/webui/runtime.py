@@ -16,6 +16,7 @@ from te_switch.core.selection import SLOT_LABELS, Selection
 from te_switch.hosts.base import HostAdapter
 from te_switch.webui import library, options
 from te_switch.webui.args import ArgsError, force, merge, parse_clip_skip, with_default_precision
+from te_switch.webui.i18n import tr, tr_line
 from te_switch.webui.ui import PanelBackend
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ def status_line() -> tuple[str, bool]:
             if info.get("precision", "auto") != "auto":
                 what += f" · {info['precision']}"
             parts.append(f"{SLOT_LABELS.get(slot, slot)}: {what}")
-    return ("Loaded: " + " · ".join(parts), False) if parts else ("", False)
+    return (tr("Loaded: {encoders}", encoders=" · ".join(parts)), False) if parts else ("", False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,9 +163,9 @@ def status_line() -> tuple[str, bool]:
 def describe(panel: Selection) -> str:
     host = adapter()
     if host is None:
-        return "CLIP Skip and encoder swaps need AUTOMATIC1111 1.10 or Forge 2"
+        return tr("CLIP Skip and encoder swaps need AUTOMATIC1111 1.10 or Forge 2")
     try:
-        return host.describe(effective_for_display(panel))
+        return tr_line(host.describe(effective_for_display(panel)))
     except Exception as e:
         return one_line(e)
 
@@ -211,11 +212,11 @@ def long_clip_hint(panel: Selection) -> str:
     if loaded == choice.label:
         return ""
     chunk = (choice.tower.positions or 248) - 2
-    return f"Long-CLIP: {chunk}-token chunks after the next generation"
+    return tr("Long-CLIP: {n}-token chunks after the next generation", n=chunk)
 
 
 def panel_backend() -> PanelBackend:
-    from te_switch.webui import memory
+    from te_switch.webui import memory, recommend
 
     return PanelBackend(
         describe=describe,
@@ -230,4 +231,9 @@ def panel_backend() -> PanelBackend:
         resting_clip_skip=resting_clip_skip,
         model_key=checkpoint_key,
         remembered=memory.recall_current,
+        recommend=recommend.for_panel,
+        explain=recommend.explanation,
+        use_label=recommend.use_label,
+        global_clip_skip=options.global_clip_skip,
+        set_global_clip_skip=options.set_global_clip_skip,
     )

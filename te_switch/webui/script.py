@@ -28,6 +28,7 @@ from te_switch.core.errors import TESwitchError, one_line
 from te_switch.core.selection import ALL_SLOTS, Selection, SlotChoice
 from te_switch.webui import compat, infotext, library, memory, recommend, runtime, xyz
 from te_switch.webui.args import ArgsError, selection_from_args
+from te_switch.webui.i18n import tr
 from te_switch.webui.ui import TITLE, build_panel
 
 try:  # the WebUI's base class; a plain object outside one, so the package always imports
@@ -128,7 +129,7 @@ def start(p: Any, args: tuple[Any, ...]) -> RunState:
     run.selection = sel
     if host is None:
         if not sel.is_auto:
-            fail(p, "this WebUI is not supported: CLIP Skip and encoder swaps need A1111 1.10 or Forge 2")
+            fail(p, tr("this WebUI is not supported: CLIP Skip and encoder swaps need A1111 1.10 or Forge 2"))
         return run
     _running[:] = [r for r in _running if r.job == run.job and not r.ended]  # a crashed job's runs are gone
     run.outer = _running[-1] if _running else None
@@ -190,11 +191,17 @@ class TESwitchScript(_ScriptBase):
             from modules.ui_components import ToolButton
         except ImportError:
             ToolButton = None
-        panel = build_panel(runtime.panel_backend(), elem_id=self.elem_id, tool_button=ToolButton)
+        prompt = getattr(self, "te_switch_prompt", None)
+        panel = build_panel(runtime.panel_backend(), elem_id=self.elem_id, tool_button=ToolButton, prompt=prompt)
         self.panel = panel
         self.infotext_fields = infotext.fields(panel)
         self.paste_field_names = infotext.paste_field_names()
         return panel.inputs()
+
+    def after_component(self, component: Any, **kwargs: Any) -> None:
+        """Keep the tab's prompt box: the recommendation reads its LoRAs (it is built before ``ui``)."""
+        if kwargs.get("elem_id") in ("txt2img_prompt", "img2img_prompt"):
+            self.te_switch_prompt = component
 
     def process(self, p: Any, *args: Any) -> None:
         start(p, args)
