@@ -59,7 +59,10 @@
             if (lastSeen.prompt[tab] !== undefined && lastSeen.prompt[tab] !== text) changed = true;
             lastSeen.prompt[tab] = text;
         });
-        if (!changed) return;
+        if (changed) scheduleRecommend();
+    }
+
+    function scheduleRecommend() {
         clearTimeout(recommendTimer);
         recommendTimer = setTimeout(function() {
             clickAll("recommend");
@@ -177,6 +180,11 @@
     onUiLoaded(function() {
         placeBarSlider();
         clickAll("follow");
+        TABS.forEach(function(tab) {
+            // typing changes no DOM node, so onAfterUiUpdate alone would miss it
+            var box = gradioApp().querySelector("#" + tab + "_prompt textarea");
+            if (box) box.addEventListener("input", scheduleRecommend);
+        });
         TABS.forEach(function(tab) {
             var prefix = panelPrefix(tab);
             var auto = prefix && byId(prefix + "clip_skip_auto");
