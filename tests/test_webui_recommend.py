@@ -247,3 +247,13 @@ def test_memory_file_keeps_checkpoints_and_loras(host: FakeHost, webui: dict[str
     assert stored["loras"] == {"anime_style": {"clip_skip": 2}, "plain": {"clip_skip": 2}}
     generate(NEUTRAL, prompt="<lora:plain:1>")  # Auto is not a choice: nothing changes
     assert json.loads((webui["cache"] / "checkpoints.json").read_text())["loras"]["plain"] == {"clip_skip": 2}
+
+
+def test_the_script_keeps_its_tabs_prompt_box(webui: dict[str, Path]) -> None:  # noqa: F811
+    """``ScriptRunner.after_component`` hands every component of the tab to the script (A1111/Forge 1.10)."""
+    from te_switch.webui.script import TESwitchScript
+
+    script, prompt, other = TESwitchScript(), object(), object()
+    script.after_component(other, elem_id="txt2img_neg_prompt")
+    script.after_component(prompt, elem_id="txt2img_prompt")
+    assert script.te_switch_prompt is prompt
