@@ -134,11 +134,12 @@ def test_wrong_kind_in_infotext_is_a_warning_too(webui: dict[str, Path]) -> None
 def test_paste_fields_keep_the_native_key_out(webui: dict[str, Path]) -> None:  # noqa: F811
     import gradio as gr
 
-    from te_switch.webui import infotext, runtime
+    from te_switch.webui import infotext
+    from te_switch.webui import panel as webui_panel
     from te_switch.webui.ui import build_panel
 
     with gr.Blocks():
-        panel = build_panel(runtime.panel_backend(), elem_id=lambda item: f"t_{item}")
+        panel = build_panel(webui_panel.panel_backend(), elem_id=lambda item: f"t_{item}")
     fields = infotext.fields(panel)
     keys = [key for _, key in fields]
     assert "Clip skip" not in keys  # the WebUI's override of CLIP_stop_at_last_layers stays in charge

@@ -19,10 +19,11 @@ def test_options_registered_with_defaults(webui: dict[str, Path]) -> None:  # no
 
     options.register()
     expected = {
-        "te_switch_clip_skip": "Auto",
+        "te_switch_clip_skip": 0,
         "te_switch_scope": "both",
         "te_switch_quicksettings": False,
         "te_switch_per_checkpoint": False,
+        "te_switch_auto_recommended": False,
         "te_switch_extra_dirs": "",
         **{f"te_switch_encoder_{s}": "Built-in" for s in ("clip_l", "clip_g", "clip_h", "t5xxl")},
         **{f"te_switch_precision_{s}": "Auto" for s in ("clip_l", "clip_g", "clip_h", "t5xxl")},
@@ -34,10 +35,46 @@ def test_options_registered_with_defaults(webui: dict[str, Path]) -> None:  # no
         assert shared.opts.data_labels[key].category_id == "sd"
     assert set(expected) == set(options.all_keys())
     assert shared.opts.data_labels["te_switch_clip_skip"].infotext is None  # never "Clip skip"
-    assert shared.opts.data_labels["te_switch_clip_skip"].component_args["choices"][:3] == ["Auto", "1", "2"]
+    # one slider everywhere (the quicksettings bar renders the same component): 0 is Auto
+    assert shared.opts.data_labels["te_switch_clip_skip"].component_args == {"minimum": 0, "maximum": 12, "step": 1}
+    assert shared.opts.data_labels["te_switch_clip_skip"].component.__name__ == "Slider"
     assert "Reload UI" in shared.opts.data_labels["te_switch_quicksettings"].comment_after
     options.register()  # a UI reload registers again: nothing doubles, values stay
-    assert shared.opts.data["te_switch_clip_skip"] == "Auto"
+    assert shared.opts.data["te_switch_clip_skip"] == 0
+
+
+@pytest.mark.parametrize(("saved", "now"), [("Auto", 0), ("2", 2), (3, 3), ("junk", 0)])
+def test_older_dropdown_values_become_slider_values(webui: dict[str, Path], saved: object, now: int) -> None:  # noqa: F811
+    """Up to 0.1 the option was a dropdown of "Auto", "1" … "12" (kept in config.json)."""
+    from modules import shared
+
+    from te_switch.core.selection import Selection
+    from te_switch.webui import options
+
+    shared.opts.data["te_switch_clip_skip"] = saved
+    options.register()
+    assert shared.opts.data["te_switch_clip_skip"] == now
+    assert options.global_selection() == Selection(now or None)
+
+
+def test_bar_slider_takes_the_place_of_the_native_one(webui: dict[str, Path]) -> None:  # noqa: F811
+    """A1111 users often have its own Clip skip in the bar: ours replaces it (same place, its value)."""
+    from modules import shared
+
+    from te_switch.webui import options
+
+    options.register()
+    shared.opts.set("quicksettings_list", ["sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae"])
+    shared.opts.set("CLIP_stop_at_last_layers", 2)
+    assert shared.opts.set("te_switch_quicksettings", True)
+    assert shared.opts.quicksettings_list == ["sd_model_checkpoint", "te_switch_clip_skip", "sd_vae"]
+    assert shared.opts.te_switch_clip_skip == 2  # it was on Auto: the bar keeps showing 2
+    assert shared.opts.set("te_switch_quicksettings", False)
+    assert shared.opts.quicksettings_list == ["sd_model_checkpoint", "sd_vae"]
+    shared.opts.set("te_switch_clip_skip", 4)
+    shared.opts.set("quicksettings_list", ["CLIP_stop_at_last_layers"])
+    assert shared.opts.set("te_switch_quicksettings", True)
+    assert shared.opts.te_switch_clip_skip == 4  # a value of its own is kept
 
 
 def test_encoder_option_lists_library_files(webui: dict[str, Path]) -> None:  # noqa: F811

@@ -30,7 +30,7 @@ def host(webui: dict[str, Path]) -> FakeHost:  # noqa: F811
 
 
 def generate(args: list[Any], *, override: dict[str, Any] | None = None, xyz: dict[str, Any] | None = None,
-             raise_after_process: bool = False) -> Any:  # fmt: skip
+             raise_after_process: bool = False, prompt: str = "a cat") -> Any:  # fmt: skip
     """One txt2img through the fake WebUI, the way txt2img.py runs it (``with closing(p)``)."""
     from modules import processing, scripts
 
@@ -39,7 +39,7 @@ def generate(args: list[Any], *, override: dict[str, Any] | None = None, xyz: di
     runner = scripts.ScriptRunner()
     script = TESwitchScript()
     runner.add(script, len(NEUTRAL))
-    p = processing.StableDiffusionProcessingTxt2Img(prompt="a cat", override_settings=override or {})
+    p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, override_settings=override or {})
     p.scripts = runner
     p.script_args = [None, *args]
     if xyz is not None:
@@ -113,7 +113,7 @@ def test_override_settings_per_request_and_restored(host: FakeHost) -> None:
 
     generate(NEUTRAL, override={"te_switch_clip_skip": "2", "te_switch_precision_clip_l": "fp16"})
     assert applied(host) == Selection(2, "both", {"clip_l": SlotChoice(None, "fp16")})
-    assert shared.opts.te_switch_clip_skip == "Auto"  # restored afterwards (the default is in opts.data)
+    assert shared.opts.te_switch_clip_skip == 0  # restored afterwards (the default is in opts.data)
 
 
 def test_xyz_values_win_even_auto(host: FakeHost, webui: dict[str, Path]) -> None:  # noqa: F811

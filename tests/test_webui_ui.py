@@ -152,3 +152,93 @@ def test_listen_spells_js_for_this_gradio(js: str | None) -> None:
     js_key = "_js" if compat.major(gr) < 4 else "js"
     assert seen.get(js_key) == js
     assert seen["show_progress"] in (False, "hidden")
+
+
+class PerModelBackend(Backend):
+    """Backend with a recommendation (a LoRA named "anime" recommends 2) and a page-wide clip skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.global_value: int | None = None
+
+    def panel_backend(self) -> PanelBackend:
+        backend = super().panel_backend()
+
+        def recommend(prompt: str, sel: Selection) -> tuple[list[str], int | None]:
+            if "<lora:anime" not in prompt:
+                return [], None
+            current = sel.clip_skip or 1
+            return [f"This LoRA was trained with Clip skip 2 (from its file) · you use {current}"], (
+                None if current == 2 else 2
+            )
+
+        def set_global(n: int | None) -> None:
+            self.global_value = n
+
+        backend.recommend = recommend
+        backend.explain = lambda: "Per model: one explanation"
+        backend.use_label = lambda n: f"Use {n}"
+        backend.global_clip_skip = lambda: self.global_value
+        backend.set_global_clip_skip = set_global
+        return backend
+
+
+def build_with_prompt(backend: Backend) -> tuple[Panel, Any]:
+    with gr.Blocks():
+        prompt = gr.Textbox(elem_id="txt2img_prompt")
+        panel = build_panel(backend.panel_backend(), elem_id=lambda item: f"script_txt2img_te_{item}", prompt=prompt)
+    return panel, prompt
+
+
+def test_hints_on_the_slider_and_encoder_dropdowns() -> None:
+    from te_switch.webui import ui
+
+    panel = build(Backend())
+    assert panel.clip_skip.info == ui.CLIP_SKIP_HINT
+    assert "SDXL/SD3 use 2 natively; Flux ignores it" in panel.clip_skip.info
+    assert panel.encoders["t5xxl"].info == ui.ENCODER_HINTS["t5xxl"]
+    assert "Long-CLIP-L reads 248 tokens" in panel.encoders["clip_l"].info
+    assert "fp32" in panel.precisions["clip_l"].info
+
+
+def test_recommendation_line_and_use_button() -> None:
+    backend = PerModelBackend()
+    panel, _prompt = build_with_prompt(backend)
+    defaults = [c.value for c in panel.inputs()]
+    line, button, offer = panel.handlers["recommend"]("1girl <lora:anime:0.8>", *defaults)
+    assert "This LoRA was trained with Clip skip 2 (from its file) · you use 1" in line
+    assert "Per model: one explanation" in line
+    assert button["visible"] is True
+    assert button["value"] == "Use 2"
+    assert offer == 2
+    auto, slider, seen = panel.handlers["use"](offer)
+    assert (auto, slider) == (False, 2)
+    assert backend.global_value == 2 == seen  # the page's clip skip (the top bar) is set too
+    explicit = [False, 2, *defaults[2:]]
+    line, button, offer = panel.handlers["recommend"]("1girl <lora:anime:0.8>", *explicit)
+    assert "you use 2" in line
+    assert button["visible"] is False
+    assert offer is None
+    line, button, _ = panel.handlers["recommend"]("no lora", *defaults)
+    assert "Clip skip 2" not in line
+    assert "one explanation" in line
+    assert button["visible"] is False
+
+
+def test_tab_and_bar_show_one_value() -> None:
+    backend = PerModelBackend()
+    panel, _prompt = build_with_prompt(backend)
+    assert panel.handlers["chose"](False, 3) == [3]  # the tab's slider moved
+    assert backend.global_value == 3
+    assert panel.handlers["chose"](True, 3) == [None]  # its Auto tick
+    assert backend.global_value is None
+    # the bar moved: a tab that saw the old value follows, one that saw this value keeps its own
+    backend.global_value = 4
+    assert panel.handlers["follow"](None, True, 1) == [4, False, 4]
+    seen, auto, slider = panel.handlers["follow"](4, False, 7)
+    assert seen == 4
+    assert value(auto) == "<unchanged>"
+    assert value(slider) == "<unchanged>"
+    backend.global_value = None
+    assert panel.handlers["follow"](4, False, 4) == [None, True, 1]  # Auto: rests on the native layer
+    assert panel.handlers["follow"](-1, True, 1) == [None, True, 1]  # first look after the page loads

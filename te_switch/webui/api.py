@@ -5,6 +5,7 @@ Routes (added in ``on_app_started``; behind ``--api-auth`` like the WebUI's own)
     GET  /te-switch/v1/encoders[?hashes=true]   the library (short hashes: cached, or computed on request)
     POST /te-switch/v1/refresh                   rescan the folders, then the same answer
     GET  /te-switch/v1/state                     host status, the effective-layer line, our options
+    GET  /te-switch/v1/recommend?prompt=…        what the loaded checkpoint and the prompt's LoRAs recommend
 
 Generation requests carrying our ``alwayson_scripts`` args (or our ``override_settings`` keys)
 are checked before the WebUI sees them: a file outside the encoder folders, a missing file, a
@@ -30,7 +31,7 @@ from typing import Any
 
 from te_switch.core.errors import TESwitchError, one_line
 from te_switch.core.selection import ALL_SLOTS, Selection
-from te_switch.webui import infotext, library, options, runtime
+from te_switch.webui import infotext, library, options, recommend, runtime
 from te_switch.webui.args import ArgsError, dict_from_selection, parse_encoder, selection_from_args, selection_from_dict
 from te_switch.webui.ui import TITLE
 
@@ -359,6 +360,11 @@ def state() -> dict[str, Any]:
     }
 
 
+def recommendation(prompt: str = "") -> dict[str, Any]:
+    """The clip skip the loaded checkpoint and the LoRAs of ``prompt`` recommend, with every source."""
+    return recommend.payload(recommend.advice_for([prompt]))
+
+
 def _dependencies() -> list[Any]:
     if not _credentials():
         return []
@@ -385,6 +391,7 @@ def add_routes(app: Any) -> None:
     app.add_api_route(f"{PREFIX}/encoders", list_encoders, methods=["GET"], dependencies=deps)
     app.add_api_route(f"{PREFIX}/refresh", refresh_encoders, methods=["POST"], dependencies=deps)
     app.add_api_route(f"{PREFIX}/state", state, methods=["GET"], dependencies=deps)
+    app.add_api_route(f"{PREFIX}/recommend", recommendation, methods=["GET"], dependencies=deps)
 
 
 def on_app_started(demo: Any, app: Any) -> None:

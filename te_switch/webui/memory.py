@@ -1,8 +1,11 @@
-"""Per-checkpoint memory (opt-in): the tab panel's last choices for each checkpoint.
+"""Per-model memory (opt-in): the tab panel's last choices for each checkpoint, and the clip skip
+last chosen with each LoRA.
 
 Stored as JSON beside the library cache (``<WebUI cache>/te_switch/checkpoints.json``), keyed by
-the checkpoint's name, with its short hash kept for reference. Only the panel level is stored
-(not the global options, not X/Y/Z cells), so recalling it puts back exactly what the user set.
+the checkpoint's name, with its short hash kept for reference, and LoRAs by their prompt name. Only
+the panel level is stored (not the global options, not X/Y/Z cells, not a value Auto picked), so
+recalling it puts back exactly what the user set. A remembered clip skip is also the first source of
+a model's recommendation (``te_switch.webui.recommend``).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def enabled() -> bool:
     return bool(getattr(shared.opts, options.PER_CHECKPOINT, False))
 
 
-def _load() -> dict[str, Any]:
+def _load_all() -> dict[str, dict[str, Any]]:
     try:
         with open(path(), encoding="utf-8") as f:
             data = json.load(f)
@@ -45,17 +48,26 @@ def _load() -> dict[str, Any]:
     except (OSError, ValueError) as e:
         log.warning("TE Switch: ignoring unreadable %s: %s", path(), e)
         return {}
-    entries = data.get("checkpoints") if isinstance(data, dict) and data.get("version") == VERSION else None
-    return entries if isinstance(entries, dict) else {}
+    if not isinstance(data, dict) or data.get("version") != VERSION:
+        return {}
+    return {k: v for k, v in data.items() if k in ("checkpoints", "loras") and isinstance(v, dict)}
 
 
-def _save(entries: dict[str, Any]) -> None:
+def _load() -> dict[str, Any]:
+    return _load_all().get("checkpoints", {})
+
+
+def _save_all(sections: dict[str, dict[str, Any]]) -> None:
     target = path()
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = f"{target}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"version": VERSION, "checkpoints": entries}, f, indent=1, sort_keys=True)
+        json.dump({"version": VERSION, **sections}, f, indent=1, sort_keys=True)
     os.replace(tmp, target)
+
+
+def _save(entries: dict[str, Any]) -> None:
+    _save_all({**_load_all(), "checkpoints": entries})
 
 
 def remember(checkpoint: str, selection: Selection, *, short_hash: str | None = None) -> None:
@@ -83,3 +95,35 @@ def recall(checkpoint: str) -> Selection | None:
     except (ArgsError, ValueError) as e:
         log.warning("TE Switch: ignoring the remembered choices for %s: %s", checkpoint, e)
         return None
+
+
+def remember_loras(names: list[str], clip_skip: int) -> None:
+    """The clip skip the user chose for a generation with these LoRAs (no-op when unchanged)."""
+    if not names:
+        return
+    with _lock:
+        sections = _load_all()
+        loras = dict(sections.get("loras", {}))
+        changed = {n: {"clip_skip": clip_skip} for n in names if loras.get(n) != {"clip_skip": clip_skip}}
+        if not changed:
+            return
+        loras.update(changed)
+        _save_all({**sections, "loras": loras})
+
+
+def recall_lora(name: str) -> int | None:
+    """The clip skip last chosen with LoRA ``name`` (None when none is remembered or memory is off)."""
+    if not enabled():
+        return None
+    with _lock:
+        record = _load_all().get("loras", {}).get(name)
+    value = record.get("clip_skip") if isinstance(record, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 12 else None
+
+
+def recall_checkpoint_clip_skip(checkpoint: str) -> int | None:
+    """The clip skip remembered with ``checkpoint`` (None when Auto, none, or memory is off)."""
+    if not enabled():
+        return None
+    remembered = recall(checkpoint)
+    return remembered.clip_skip if remembered is not None else None

@@ -16,7 +16,7 @@ from te_switch.core.selection import SLOT_LABELS, Selection
 from te_switch.hosts.base import HostAdapter
 from te_switch.webui import library, memory, options
 from te_switch.webui.args import ArgsError, force, merge, parse_clip_skip
-from te_switch.webui.ui import PanelBackend
+from te_switch.webui.i18n import tr, tr_line
 
 log = logging.getLogger(__name__)
 PREFIX = "TE Switch: "
@@ -142,7 +142,7 @@ def status_line() -> tuple[str, bool]:
             if info.get("precision", "auto") != "auto":
                 what += f" · {info['precision']}"
             parts.append(f"{SLOT_LABELS.get(slot, slot)}: {what}")
-    return ("Loaded: " + " · ".join(parts), False) if parts else ("", False)
+    return (tr("Loaded: {encoders}", encoders=" · ".join(parts)), False) if parts else ("", False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,9 +152,9 @@ def status_line() -> tuple[str, bool]:
 def describe(panel: Selection) -> str:
     host = adapter()
     if host is None:
-        return "CLIP Skip and encoder swaps need AUTOMATIC1111 1.10 or Forge 2"
+        return tr("CLIP Skip and encoder swaps need AUTOMATIC1111 1.10 or Forge 2")
     try:
-        return host.describe(effective_for_display(panel))
+        return tr_line(host.describe(effective_for_display(panel)))
     except Exception as e:
         return one_line(e)
 
@@ -199,26 +199,9 @@ def long_clip_hint(panel: Selection) -> str:
     if loaded == choice.label:
         return ""
     chunk = (choice.tower.positions or 248) - 2
-    return f"Long-CLIP: {chunk}-token chunks after the next generation"
+    return tr("Long-CLIP: {n}-token chunks after the next generation", n=chunk)
 
 
 def remembered_panel() -> Selection | None:
     """The panel's memory for the loaded checkpoint, when the option is on."""
     return memory.recall(checkpoint_key()) if memory.enabled() else None
-
-
-def panel_backend() -> PanelBackend:
-    return PanelBackend(
-        describe=describe,
-        slot_names=slot_names,
-        family=family,
-        choices=library.labels_for,
-        refresh=library.refresh,
-        defaults=Selection,  # neutral: the global options apply (see te_switch.webui.args)
-        choice_label=library.display_label,
-        status=status_line,
-        hint=long_clip_hint,
-        resting_clip_skip=resting_clip_skip,
-        model_key=checkpoint_key,
-        remembered=remembered_panel,
-    )

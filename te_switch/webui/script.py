@@ -4,10 +4,11 @@ One generation:
 
 * ``process`` (after ``override_settings`` are applied — ``before_process`` runs before them, so a
   per-request ``{"te_switch_clip_skip": "2"}`` would be missed there — and before any
-  conditioning): build the effective Selection (X/Y/Z > panel > options > Auto/Built-in), write
+  conditioning): build the effective Selection (X/Y/Z > panel > options > Auto/Built-in; with the
+  automatic mode on, an Auto clip skip becomes what the checkpoint and the prompt's LoRAs agree on), write
   the infotext, make the model match it (``host.apply``, atomic) and start the encode patches
   (``host.begin``);
-* ``postprocess``: ``host.end()``, remember the panel per checkpoint (opt-in). ``end`` also runs
+* ``postprocess``: ``host.end()``, remember the panel per checkpoint and its clip skip per LoRA (opt-in). ``end`` also runs
   from ``StableDiffusionProcessing.close`` (patched), which every WebUI caller reaches through
   ``with closing(p)`` even when the generation raised.
 
@@ -25,8 +26,10 @@ from typing import Any
 
 from te_switch.core.errors import TESwitchError, one_line
 from te_switch.core.selection import ALL_SLOTS, Selection, SlotChoice
-from te_switch.webui import compat, infotext, library, memory, runtime, xyz
+from te_switch.webui import compat, infotext, library, memory, recommend, runtime, xyz
 from te_switch.webui.args import ArgsError, selection_from_args
+from te_switch.webui.i18n import tr
+from te_switch.webui.panel import panel_backend
 from te_switch.webui.ui import TITLE, build_panel
 
 try:  # the WebUI's base class; a plain object outside one, so the package always imports
@@ -119,6 +122,7 @@ def start(p: Any, args: tuple[Any, ...]) -> RunState:
     try:
         run.panel = selection_from_args(args)
         sel = resolve(runtime.effective(run.panel, xyz.forced(p)), live_slots(host))
+        sel = recommend.apply_automatic(p, sel)  # Auto everywhere + the automatic mode: the models' value
         infotext.write(p, sel, live_slots(host))
     except (ArgsError, TESwitchError, ValueError, OSError) as e:
         fail(p, one_line(e) if isinstance(e, TESwitchError | OSError) else str(e))
@@ -126,7 +130,7 @@ def start(p: Any, args: tuple[Any, ...]) -> RunState:
     run.selection = sel
     if host is None:
         if not sel.is_auto:
-            fail(p, "this WebUI is not supported: CLIP Skip and encoder swaps need A1111 1.10 or Forge 2")
+            fail(p, tr("this WebUI is not supported: CLIP Skip and encoder swaps need A1111 1.10 or Forge 2"))
         return run
     _running[:] = [r for r in _running if r.job == run.job and not r.ended]  # a crashed job's runs are gone
     run.outer = _running[-1] if _running else None
@@ -173,6 +177,7 @@ def finish(p: Any) -> None:
         memory.remember(runtime.checkpoint_key(), run.panel, short_hash=runtime.checkpoint_hash())
     except OSError as e:
         print(f"{runtime.PREFIX}cannot save the per-checkpoint memory: {one_line(e)}")
+    recommend.remember(p, run.panel.clip_skip)
 
 
 class TESwitchScript(_ScriptBase):
@@ -187,11 +192,17 @@ class TESwitchScript(_ScriptBase):
             from modules.ui_components import ToolButton
         except ImportError:
             ToolButton = None
-        panel = build_panel(runtime.panel_backend(), elem_id=self.elem_id, tool_button=ToolButton)
+        prompt = getattr(self, "te_switch_prompt", None)
+        panel = build_panel(panel_backend(), elem_id=self.elem_id, tool_button=ToolButton, prompt=prompt)
         self.panel = panel
         self.infotext_fields = infotext.fields(panel)
         self.paste_field_names = infotext.paste_field_names()
         return panel.inputs()
+
+    def after_component(self, component: Any, **kwargs: Any) -> None:
+        """Keep the tab's prompt box: the recommendation reads its LoRAs (it is built before ``ui``)."""
+        if kwargs.get("elem_id") in ("txt2img_prompt", "img2img_prompt"):
+            self.te_switch_prompt = component
 
     def process(self, p: Any, *args: Any) -> None:
         start(p, args)

@@ -16,7 +16,7 @@ from typing import Any
 
 from te_switch.core.clip_skip import clip_towers
 from te_switch.core.selection import ALL_SLOTS, BUILT_IN, CLIP_SKIP_MAX, SCOPE_LABELS, SLOT_LABELS, Selection
-from te_switch.webui import compat
+from te_switch.webui import compat, ui_per_model
 from te_switch.webui.args import (
     ARG_NAMES,
     PRECISION_CHOICES,
@@ -28,6 +28,15 @@ from te_switch.webui.args import (
 from te_switch.webui.args import selection_from_args as selection_from_args  # re-exported: the panel's parser
 
 TITLE = "CLIP Skip & Text Encoders"
+# one line each, under the control (the WebUI translates them with the rest of the page)
+CLIP_SKIP_HINT = "Which CLIP layer the prompt is read from: 1 = the last, higher = earlier and looser. SDXL/SD3 use 2 natively; Flux ignores it"
+ENCODER_HINTS = {
+    "clip_l": "Another CLIP-L: e.g. a GmP fine-tune follows details more closely; Long-CLIP-L reads 248 tokens per chunk",
+    "clip_g": "Another CLIP-G (SDXL, SD3)",
+    "clip_h": "Another CLIP-H (SD2)",
+    "t5xxl": "Another T5-XXL (Flux, SD3): e.g. Flan-T5-XXL reads wording differently; fp8/GGUF files need less memory",
+}
+PRECISION_HINT = "fp32: slightly more exact, twice fp16's memory (T5-XXL: about 19 GB instead of 9.5)"
 
 
 @dataclass
@@ -51,6 +60,13 @@ class PanelBackend:
     resting_clip_skip: Callable[[], int] = lambda: 1  # slider position while Auto is ticked
     model_key: Callable[[], str] = lambda: ""  # identifies the loaded checkpoint ("" = none yet)
     remembered: Callable[[], Selection | None] = lambda: None  # per-checkpoint memory for model_key()
+    # per model: (lines, the value "Use N" offers) for a prompt and the panel's selection; the one
+    # explanation under them; the page's clip skip (the top bar's; None = Auto) and how to set it
+    recommend: Callable[[str, Selection], tuple[list[str], int | None]] = lambda prompt, selection: ([], None)
+    explain: Callable[[], str] = lambda: ""
+    use_label: Callable[[int], str] = lambda n: f"Use {n}"
+    global_clip_skip: Callable[[], int | None] = lambda: None
+    set_global_clip_skip: Callable[[int | None], None] | None = None
 
 
 @dataclass
@@ -64,6 +80,7 @@ class Panel:
     hint: Any
     sync: Any  # hidden button: JavaScript clicks it when the model changes
     model_key: Any = None  # per-browser state: the checkpoint this page last synced to
+    per_model: ui_per_model.PerModel | None = None
     slot_rows: dict[str, Any] = field(default_factory=dict)
     encoders: dict[str, Any] = field(default_factory=dict)
     precisions: dict[str, Any] = field(default_factory=dict)
@@ -135,11 +152,13 @@ def build_panel(
     gr_module: ModuleType | None = None,
     tool_button: Callable[..., Any] | None = None,
     title: str = TITLE,
+    prompt: Any = None,
 ) -> Panel:
     """Create the panel's components inside the current Gradio Blocks context.
 
     ``elem_id(item)`` names each element (the WebUI's ``Script.elem_id``); ``tool_button`` is the
-    WebUI's ``ToolButton`` where there is one (small emoji button inside forms).
+    WebUI's ``ToolButton`` where there is one (small emoji button inside forms); ``prompt`` is the
+    tab's prompt box, whose LoRAs the recommendation reads.
     """
     if gr_module is None:
         import gradio as gr_module  # the standalone page passes its own
@@ -160,6 +179,7 @@ def build_panel(
                 step=1,
                 value=defaults.clip_skip if not auto else _safe(backend.resting_clip_skip, 1),
                 label="CLIP Skip",
+                info=CLIP_SKIP_HINT,
                 elem_id=elem_id("clip_skip"),
                 elem_classes=["te-switch-slider"],
             )
@@ -170,6 +190,7 @@ def build_panel(
                 visible=two_towers(backend),
                 elem_id=elem_id("scope"),
             )
+        per_model = ui_per_model.build(gr, elem_id, _safe(backend.explain, ""), "Use")
         layers = gr.HTML(value=layer_html(_safe(lambda: backend.describe(defaults), "")), elem_id=elem_id("layers"))
         slot_rows: dict[str, Any] = {}
         encoders: dict[str, Any] = {}
@@ -182,6 +203,7 @@ def build_panel(
                     choices=encoder_choices(backend, slot),
                     value=_display(backend, choice.encoder),
                     label=SLOT_LABELS[slot],
+                    info=ENCODER_HINTS[slot],
                     allow_custom_value=True,  # choices change at runtime; Gradio 4 would reject old ones
                     elem_id=elem_id(slot),
                     elem_classes=["te-switch-encoder"],
@@ -193,6 +215,7 @@ def build_panel(
                     choices=list(PRECISION_CHOICES),
                     value=precision_label(choice.precision),
                     label=f"{SLOT_LABELS[slot]} precision",
+                    info=PRECISION_HINT,
                     elem_id=elem_id(f"{slot}_precision"),
                     elem_classes=["te-switch-precision"],
                 )
@@ -203,11 +226,37 @@ def build_panel(
         model_key = gr.State(value="")
 
     panel = Panel(
-        accordion, clip_skip_auto, clip_skip, scope, layers, status, hint, sync, model_key, slot_rows, encoders,
-        precisions, refresh_buttons,
+        accordion, clip_skip_auto, clip_skip, scope, layers, status, hint, sync, model_key, per_model, slot_rows,
+        encoders, precisions, refresh_buttons,
     )  # fmt: skip
     _wire(panel, backend, gr)
+    _wire_per_model(panel, backend, gr, prompt)
     return panel
+
+
+def _wire_per_model(panel: Panel, backend: PanelBackend, gr: ModuleType, prompt: Any) -> None:
+    assert panel.per_model is not None
+
+    def recommend(text: str, values: list[Any]) -> tuple[list[str], int | None]:
+        sel = _selection(values)
+        return backend.recommend(text, sel if isinstance(sel, Selection) else Selection())
+
+    panel.handlers.update(
+        ui_per_model.wire(
+            panel.per_model,
+            gr,
+            clip_skip_auto=panel.clip_skip_auto,
+            clip_skip=panel.clip_skip,
+            panel_inputs=panel.inputs(),
+            prompt=prompt,
+            recommend=recommend,
+            explanation=lambda: _safe(backend.explain, ""),
+            use_label=lambda n: _safe(lambda: backend.use_label(n), f"Use {n}"),
+            get_global=lambda: _safe(backend.global_clip_skip, None),
+            set_global=backend.set_global_clip_skip,
+            resting=lambda: _safe(backend.resting_clip_skip, 1),
+        )
+    )
 
 
 def _selection(values: Sequence[Any]) -> Selection | str:

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 FAKES = os.path.dirname(os.path.abspath(__file__))
 # top-level packages a fake tree may provide; cleared before and after so trees never mix
-FAKE_ROOTS = ("modules", "ldm", "sgm", "backend", "modules_forge", "scripts_fake")
+FAKE_ROOTS = ("modules", "ldm", "sgm", "backend", "modules_forge", "scripts_fake", "networks")
 
 
 def _purge() -> None:

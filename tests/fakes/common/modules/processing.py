@@ -1,6 +1,6 @@
 """Fake of modules/processing.py: the processing object and ``process_images`` in the real order
-(A1111 1.10.1 / Forge 2): before_process -> override_settings applied (no onchange) -> process ->
-per batch: stop if interrupted, process_batch, conds -> postprocess -> overrides restored."""
+(A1111 1.10.1 / Forge 2): before_process -> override_settings applied (no onchange) -> setup_prompts ->
+process -> per batch: stop if interrupted, process_batch, conds -> postprocess -> overrides restored."""
 
 from __future__ import annotations
 
@@ -41,6 +41,13 @@ class StableDiffusionProcessing:
 
     def comment(self, text):
         self.comments[text] = 1
+
+    def setup_prompts(self):
+        """The real one also applies styles; every batch gets its prompt (a list gives one per image)."""
+        n = self.n_iter * getattr(self, "batch_size", 1)
+        self.all_prompts = list(self.prompt) if isinstance(self.prompt, list) else [self.prompt] * n
+        negative = self.negative_prompt
+        self.all_negative_prompts = list(negative) if isinstance(negative, list) else [negative] * n
 
     def setup_conds(self):
         self.conds_made += 1
@@ -88,6 +95,7 @@ def process_images(p):
 
 
 def process_images_inner(p):
+    p.setup_prompts()
     if p.scripts is not None:
         p.scripts.process(p)
     images = []

@@ -35,6 +35,7 @@ options_templates.update(
         ("ui", "User interface", "ui"),
         {
             "quicksettings_list": OptionInfo(["sd_model_checkpoint"], "Quicksettings list"),
+            "localization": OptionInfo("None", "Localization"),
         },
     )
 )

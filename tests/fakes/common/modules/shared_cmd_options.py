@@ -13,6 +13,7 @@ cmd_opts = argparse.Namespace(
     skip_install=False,
     api_auth=None,
     te_switch_dir=[],
+    lora_dir=None,  # real: the Lora extension's preload.py adds --lora-dir (default models/Lora)
     te_switch_precision=None,
     no_half=False,
     lowvram=False,
