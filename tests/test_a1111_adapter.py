@@ -30,7 +30,7 @@ from te_switch.core.longclip import stretch_positions
 from te_switch.core.readers import open_file
 from te_switch.core.selection import Selection, SlotChoice
 from te_switch.hosts.engine import EncoderSource, SwapEngine
-from te_switch.hosts.modules import text_transformer
+from te_switch.hosts.slots import text_transformer
 from te_switch.tokenizers import write_clip_tokenizer
 
 L_WIDTH, G_WIDTH, H_WIDTH = 64, 80, 96

@@ -37,7 +37,7 @@ from te_switch.core.tensors import PackedTensor, materialize
 from te_switch.hosts import engine as engine_mod
 from te_switch.hosts.base import HostAdapter
 from te_switch.hosts.engine import EncoderSource, LiveSlot, SlotRequest, SwapEngine
-from te_switch.hosts.modules import hf_clip_slot, openclip_slot, t5_slot, text_transformer
+from te_switch.hosts.slots import hf_clip_slot, openclip_slot, t5_slot, text_transformer
 
 W = 64  # tower width: swap rules do not depend on it (real sizes only in the memory test)
 T5_VOCAB = 256

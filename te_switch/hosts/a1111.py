@@ -35,7 +35,7 @@ from te_switch.core.selection import SLOTS_BY_FAMILY, Selection
 from te_switch.core.tensors import Weight
 from te_switch.hosts.base import HostAdapter
 from te_switch.hosts.engine import LiveSlot, SwapEngine
-from te_switch.hosts.modules import hf_clip_slot, openclip_slot, t5_slot, text_transformer
+from te_switch.hosts.slots import hf_clip_slot, openclip_slot, t5_slot, text_transformer
 
 PATCH_KEY = __name__
 CACHE_LISTS = (

@@ -44,7 +44,7 @@ from te_switch.core.selection import KINDS_BY_SLOT, SCOPE_LABELS, SLOT_LABELS, S
 from te_switch.core.tensors import Weight
 from te_switch.hosts.base import HostAdapter, Resolver
 from te_switch.hosts.engine import EncoderSource, LiveSlot
-from te_switch.hosts.modules import hf_clip_slot, t5_slot, text_transformer
+from te_switch.hosts.slots import hf_clip_slot, t5_slot, text_transformer
 
 # slot -> (text-encoder attribute, tokenizer attribute) per family
 COMPONENTS: dict[str, dict[str, tuple[str, str]]] = {

@@ -73,7 +73,7 @@ from te_switch.core.selection import SLOTS_BY_FAMILY, Selection, SlotChoice
 from te_switch.core.tensors import Weight, dense, is_compressed
 from te_switch.hosts.base import HostAdapter, Resolver
 from te_switch.hosts.engine import LiveSlot, SlotRequest, SwapEngine, default_pack_kind
-from te_switch.hosts.modules import hf_clip_blocks, hf_clip_slot, t5_slot, text_transformer
+from te_switch.hosts.slots import hf_clip_blocks, hf_clip_slot, t5_slot, text_transformer
 
 PATCH_KEY = "te_switch.forge"
 FAMILY_BY_CLASS = {
