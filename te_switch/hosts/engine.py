@@ -405,11 +405,6 @@ class SwapEngine:
             self.epoch += 1
             return True
 
-    def forget(self, module: torch.nn.Module) -> None:
-        """Drop what the engine knows about a module whose weights the host is about to replace."""
-        with self._lock:
-            self._memory.pop(module, None)
-
 
 def default_pack_kind(module: torch.nn.Module) -> str | None:
     """torch Linear/Embedding layers (and subclasses) can expand a compressed weight per forward."""
