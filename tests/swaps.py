@@ -173,19 +173,20 @@ def one_line_error(exc: BaseException, *needles: str) -> str:
 
 
 def fail_first_load(module: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The next load_state_dict copies half the tensors, then raises (a crash mid-commit); later calls are real."""
-    real = module.load_state_dict
-    calls = {"n": 0}
+    """The next commit into ``module`` writes half its tensors, then raises (a crash mid-commit, e.g. out of
+    memory); the rollback after it and later commits are real."""
+    from te_switch.hosts import engine as engine_mod
 
-    def load(state_dict: Mapping[str, Any], strict: bool = True, **kw: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] > 1:
-            return real(state_dict, strict=strict, **kw)
-        live = module.state_dict(keep_vars=True)
-        with torch.no_grad():
-            for key in list(state_dict)[: len(state_dict) // 2]:
-                if key in live and live[key].shape == state_dict[key].shape:
-                    live[key].copy_(state_dict[key])
-        raise RuntimeError("simulated out-of-memory half-way through the load")
+    real = engine_mod._write
+    owned = {id(m) for m in module.modules()}
+    state = {"writes": 0, "failed": False, "limit": max(1, len(list(module.modules())) // 3)}
 
-    monkeypatch.setattr(module, "load_state_dict", load)
+    def write(owner: nn.Module, *args: Any, **kwargs: Any) -> None:
+        if id(owner) in owned and not state["failed"]:
+            state["writes"] += 1
+            if state["writes"] > state["limit"]:
+                state["failed"] = True
+                raise RuntimeError("simulated out-of-memory half-way through the load")
+        real(owner, *args, **kwargs)
+
+    monkeypatch.setattr(engine_mod, "_write", write)

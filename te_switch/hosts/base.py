@@ -8,6 +8,7 @@ With an Auto selection and Built-in slots nothing of the host runs differently.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from te_switch.core import clip_skip
 from te_switch.core.clip_skip import TowerPlan
 from te_switch.core.selection import SLOT_LABELS, SLOTS_BY_FAMILY, Selection
-from te_switch.hosts.engine import EncoderSource, LiveSlot, SlotRequest, SwapEngine
+from te_switch.hosts.engine import BuiltinSource, EncoderSource, LiveSlot, SlotRequest, SwapEngine
 
 # resolve(slot_name, encoder_label) -> the file to load; raises TESwitchError when it is missing
 Resolver = Callable[[str, str], EncoderSource]
@@ -91,8 +92,14 @@ class HostAdapter(ABC):
         out = []
         for name, slot in slots.items():
             positions = 248 if (name == "clip_g" and long_l and "clip_l" in slots) else None
-            out.append(SlotRequest(slot, selection.slot(name), sources[name], positions))
+            builtin = functools.partial(self.builtin_source, model, name)
+            out.append(SlotRequest(slot, selection.slot(name), sources[name], positions, builtin))
         return out
+
+    def builtin_source(self, model: Any, name: str) -> BuiltinSource | None:
+        """The file slot ``name``'s own weights came from and how the host converted it (None: unknown,
+        so the engine keeps a CPU copy before the first swap)."""
+        return None
 
     def apply(self, selection: Selection, resolve: Resolver | None = None) -> list[str]:
         """Swap/restore every slot to match ``selection`` (atomic across slots)."""
