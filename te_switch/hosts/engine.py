@@ -43,7 +43,7 @@ import torch
 
 from te_switch.core.convert import load_tower
 from te_switch.core.detect import TowerInfo
-from te_switch.core.errors import BadFileError, IncompatibleError, TESwitchError
+from te_switch.core.errors import BadFileError, IncompatibleError, TESwitchError, one_line
 from te_switch.core.fingerprint import fingerprint, is_mapped, mapped_ranges
 from te_switch.core.library import file_identity
 from te_switch.core.longclip import stretch_positions
@@ -172,7 +172,6 @@ class _Original:
 class _Memory:
     originals: dict[str, _Original] = field(default_factory=dict)  # one entry per distinct live tensor
     origin: BuiltinSource | None = None
-    origin_identity: tuple | None = None
     original_positions: int | None = None
     packed: list[torch.nn.Module] = field(default_factory=list)  # modules holding a lowbit-attached weight
     applied: Applied | None = None
@@ -463,7 +462,6 @@ class SwapEngine:
         reader = None
         if origin is not None:
             try:
-                mem.origin_identity = _file_state(origin.path)
                 reader = open_file(origin.path)
                 recipe = _recipe(reader, origin, slot)
                 mem.origin = origin
@@ -613,27 +611,26 @@ class _OriginReader:
         return any(o.view is None and o.copy is None for o in self.mem.originals.values())
 
     def check_unchanged(self) -> None:
-        """Before anything changes: the host's file must still give the fingerprinted tensors."""
+        """Before anything changes: the host's file must still give every fingerprinted tensor (a few
+        sampled pages each), whatever its size and mtime say — or nothing is restored."""
         mem = self.mem
         if mem.origin is None or not self.needs_file():
             return
         name = os.path.basename(mem.origin.path)
         try:
-            same = _file_state(mem.origin.path) == mem.origin_identity
-        except OSError:
+            recipe = self._file()
+        except (OSError, TESwitchError) as e:
             raise TESwitchError(
-                f"{self.slot.label}: {name} is gone; Built-in cannot be restored from it (reload the checkpoint)"
+                f"{self.slot.label}: {name} cannot be read ({one_line(e)}); Built-in cannot be restored from it"
+                " (reload the checkpoint)"
             ) from None
-        if same:
-            return
-        recipe = self._file()  # changed on disk: every tensor must still match its fingerprint
         for key, original in mem.originals.items():
             if original.view is None and original.copy is None and key not in self.slot.derived:
                 value = recipe.get(key)
                 if value is None or fingerprint(_as_host(value, original.dtype, mem.origin)) != original.print:
                     raise TESwitchError(
-                        f"{self.slot.label}: {name} changed on disk since it was loaded; Built-in cannot be restored "
-                        "from it (reload the checkpoint)"
+                        f"{self.slot.label}: {name} changed on disk since it was loaded; Built-in cannot be restored"
+                        " from it (reload the checkpoint)"
                     )
 
     def value(self, key: str) -> Weight:
@@ -652,7 +649,7 @@ class _OriginReader:
 
 def _recipe(src: TensorSource, origin: BuiltinSource, slot: LiveSlot) -> dict[str, Weight]:
     """The host's file mapped to the slot's names, values as stored (views of the file where possible)."""
-    canonical = load_tower(src, origin.tower, as_stored=True)
+    canonical = load_tower(src, origin.tower, check=False, as_stored=True)
     return (origin.to_host or slot.to_host)(canonical)
 
 
