@@ -9,12 +9,14 @@ With an Auto selection and Built-in slots nothing of the host runs differently.
 from __future__ import annotations
 
 import functools
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
 from te_switch.core import clip_skip
 from te_switch.core.clip_skip import TowerPlan
+from te_switch.core.detect import TowerInfo, inspect_path
 from te_switch.core.selection import SLOT_LABELS, SLOTS_BY_FAMILY, Selection
 from te_switch.hosts.engine import BuiltinSource, EncoderSource, LiveSlot, SlotRequest, SwapEngine
 
@@ -169,3 +171,16 @@ class HostAdapter(ABC):
                     "positions": slot.positions(),
                 }
         return {"host": self.name, "family": family, "slots": slots, "epoch": self.engine.epoch}
+
+
+def tower_in(path: str | None, slot: str, *, width: int | None = None) -> TowerInfo | None:
+    """The tower of ``path`` that a host put into ``slot``: the one a checkpoint names for it, else the only
+    (or the ``width``-wide) tower of the slot's family. None when the file has none or cannot be read."""
+    if not path or not os.path.isfile(path):
+        return None
+    towers = [t for t in inspect_path(path) if t.family is not None and t.error is None]
+    named = [t for t in towers if t.tower == slot]
+    family = "t5" if slot == "t5xxl" else "clip"
+    same = [t for t in towers if t.family == family and (width is None or t.width in (None, width))]
+    found = named or same
+    return found[0] if len(found) == 1 or named else None

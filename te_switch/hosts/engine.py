@@ -52,6 +52,7 @@ from te_switch.core.selection import KINDS_BY_SLOT, SLOT_LABELS, SlotChoice
 from te_switch.core.tensors import PRECISIONS, PackedTensor, Weight, all_finite, dense, is_compressed
 
 Resize = Callable[[int], None]
+QUIET_BYTES = 4096  # CPU copies up to this size are kept without a console line
 
 
 @dataclass
@@ -146,15 +147,18 @@ class Applied:
 class BuiltinSource:
     """Where a slot's own weights came from, and how the host turned that file into them.
 
-    The engine reads ``tower`` of ``path`` as stored, maps it with ``to_host`` (default: the slot's own
-    mapping) and casts every tensor to the dtype the slot holds, through ``cast_via`` first when the
-    host did that (A1111 casts a checkpoint to fp16 before its fp8 storage option casts to fp8).
+    The engine reads ``tower`` of ``path`` as stored, under canonical names (or, ``stored_names``, under
+    the file's own names less the tower's prefix: a host that loads the checkpoint's keys into its modules
+    as they are, like A1111), maps it with ``to_host`` (default: the slot's own mapping) and casts every
+    tensor to the dtype the slot holds, through ``cast_via`` first when the host did that (A1111 casts a
+    checkpoint to fp16 before its fp8 storage option casts to fp8).
     """
 
     path: str
     tower: TowerInfo
     cast_via: torch.dtype | None = None
     to_host: Callable[[Mapping[str, Weight]], dict[str, Weight]] | None = None
+    stored_names: bool = False
 
 
 @dataclass
@@ -166,6 +170,7 @@ class _Original:
     print: bytes  # core.fingerprint of the tensor
     view: torch.Tensor | None = None  # the host's own view of a mapped file (no memory of its own)
     copy: torch.Tensor | None = None  # CPU copy in the host's dtype: the file cannot give it back
+    rebuilt: bool = False  # position ids: arange(positions), what resize() writes
 
 
 @dataclass
@@ -467,20 +472,21 @@ class SwapEngine:
                 mem.origin = origin
             except (OSError, TESwitchError, KeyError, ValueError):
                 recipe, mem.origin = {}, None
-        kept = 0
+        kept, missed = 0, []
         for key, tensor in live.items():
             original = _Original(tensor.dtype, tuple(tensor.shape), fingerprint(tensor))
             if is_mapped(tensor, ranges):
                 original.view = tensor.detach()  # the host's own view of its file: free to keep
             elif key in slot.derived and _is_arange(tensor):
-                pass  # position ids: resize() rebuilds them
+                original.rebuilt = True  # position ids: resize() writes them
             elif key not in recipe or fingerprint(_as_host(recipe[key], tensor.dtype, origin)) != original.print:
                 original.copy = tensor.detach().to("cpu", copy=True)
                 kept += original.copy.nbytes
+                missed.append(key)
             mem.originals[key] = original
         if reader is not None:
             reader.close()
-        if kept:
+        if kept > QUIET_BYTES:  # a scalar the host never read from its file is not worth a line
             why = (
                 f"its weights differ from {os.path.basename(origin.path)} (merged in memory, a LoRA baked in, "
                 "or the file changed since it was loaded)"
@@ -488,7 +494,8 @@ class SwapEngine:
                 else "the host does not say which file its weights came from"
             )
             self.notify(
-                f"TE Switch: {slot.label}: {why}; keeping a {kept / 1e6:.0f} MB copy on CPU to restore Built-in"
+                f"TE Switch: {slot.label}: {why}; keeping a {kept / 1e6:.0f} MB copy of {len(missed)} of its"
+                f" {len(live)} tensors (first: {missed[0]}) on CPU to restore Built-in"
             )
         return mem
 
@@ -567,7 +574,7 @@ class SwapEngine:
                 if original.view is not None:
                     tensor.data = original.view
                     continue
-                if key in slot.derived and original.copy is None:
+                if original.rebuilt:
                     continue
                 writes.add(_owner(slot.module, key), key, tensor, origin.value(key), original.dtype)
             writes.flush()
@@ -608,7 +615,7 @@ class _OriginReader:
         return self._recipe
 
     def needs_file(self) -> bool:
-        return any(o.view is None and o.copy is None for o in self.mem.originals.values())
+        return any(o.view is None and o.copy is None and not o.rebuilt for o in self.mem.originals.values())
 
     def check_unchanged(self) -> None:
         """Before anything changes: the host's file must still give every fingerprinted tensor (a few
@@ -625,7 +632,7 @@ class _OriginReader:
                 " (reload the checkpoint)"
             ) from None
         for key, original in mem.originals.items():
-            if original.view is None and original.copy is None and key not in self.slot.derived:
+            if original.view is None and original.copy is None and not original.rebuilt:
                 value = recipe.get(key)
                 if value is None or fingerprint(_as_host(value, original.dtype, mem.origin)) != original.print:
                     raise TESwitchError(
@@ -649,8 +656,12 @@ class _OriginReader:
 
 def _recipe(src: TensorSource, origin: BuiltinSource, slot: LiveSlot) -> dict[str, Weight]:
     """The host's file mapped to the slot's names, values as stored (views of the file where possible)."""
-    canonical = load_tower(src, origin.tower, check=False, as_stored=True)
-    return (origin.to_host or slot.to_host)(canonical)
+    if origin.stored_names:
+        p = origin.tower.prefix
+        values: dict[str, Weight] = {k[len(p) :]: src.load(k) for k in src.keys() if k.startswith(p)}  # noqa: SIM118
+    else:
+        values = load_tower(src, origin.tower, check=False, as_stored=True)
+    return (origin.to_host or slot.to_host)(values)
 
 
 def _as_host(value: Weight, dtype: torch.dtype, origin: BuiltinSource | None) -> torch.Tensor:
