@@ -71,8 +71,8 @@ from te_switch.core.errors import IncompatibleError
 from te_switch.core.longclip import chunk_length as longclip_chunk_length
 from te_switch.core.selection import SLOTS_BY_FAMILY, Selection, SlotChoice
 from te_switch.core.tensors import Weight, dense, is_compressed
-from te_switch.hosts.base import HostAdapter, Resolver
-from te_switch.hosts.engine import LiveSlot, SlotRequest, SwapEngine, default_pack_kind
+from te_switch.hosts.base import HostAdapter, Resolver, tower_in
+from te_switch.hosts.engine import BuiltinSource, LiveSlot, SlotRequest, SwapEngine, default_pack_kind
 from te_switch.hosts.slots import hf_clip_blocks, hf_clip_slot, t5_slot, text_transformer
 
 PATCH_KEY = "te_switch.forge"
@@ -349,6 +349,24 @@ class ForgeAdapter(HostAdapter):
                     cache[:] = [None] * len(cache)
         if p is not None and hasattr(p, "clear_prompt_cache"):
             p.clear_prompt_cache()
+
+    def builtin_source(self, model: Any, name: str) -> BuiltinSource | None:
+        """Forge built the slot from the checkpoint, or from a file of its *VAE / Text Encoder* menu that
+        holds such a tower (``replace_state_dict``: the later file wins), cast to the slot's dtype (fp8
+        and fp16 Linear weights stay views of the file). A menu changed since the model was built is
+        caught by the engine's fingerprint (it then keeps a copy)."""
+        from modules import sd_models
+
+        params = getattr(sd_models.model_data, "forge_loading_parameters", None) or {}
+        info = getattr(model, "sd_checkpoint_info", None) or params.get("checkpoint_info")
+        files = [*reversed(params.get("additional_modules") or []), getattr(info, "filename", None)]
+        tower = next((t for path in files if (t := tower_in(path, name)) is not None), None)
+        if tower is None:
+            return None
+        to_host = None
+        if name == "t5xxl" and self._t5_origin.get(self._joint(model).t5xxl.transformer) == "scaled-fp8":
+            to_host = t5_slot(name, self._joint(model).t5xxl.transformer).to_host  # the file's own scales
+        return BuiltinSource(tower.path, tower, to_host=to_host)
 
     def on_model_loaded(self, sd_model: Any) -> list[str]:
         """``script_callbacks.on_model_loaded``: Forge built new encoder objects; make them match again.
