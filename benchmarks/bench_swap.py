@@ -206,9 +206,11 @@ def build_slot(kind: str, ckpt: str, blocks: int) -> tuple[object, BuiltinSource
     with safe_open(ckpt, framework="pt") as f, torch.no_grad():
         for key in f.keys():  # noqa: SIM118
             name = key[len(prefix) :] if key.startswith(prefix) else key
-            target = live.get(name) or live.get(name.replace("text_model.", "", 1))
+            target = live.get(name, live.get(name.replace("text_model.", "", 1)))
             if target is not None:
                 target.copy_(f.get_tensor(key))
+        if kind == "t5":
+            model.encoder.embed_tokens.weight = model.shared.weight  # tied, as from_pretrained leaves it
         ids = live.get("text_model.embeddings.position_ids", live.get("embeddings.position_ids"))
         if ids is not None:
             ids.copy_(torch.arange(ids.shape[-1]))
