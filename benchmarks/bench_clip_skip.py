@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from te_switch.core.clip_skip import LayerTap, block_for_skip
-from te_switch.hosts.modules import text_transformer
+from te_switch.hosts.slots import text_transformer
 
 SKIPS = (1, 2, 6, 12)
 

@@ -1,25 +1,25 @@
-"""What a text-encoder swap costs on a diffusers pipeline, against what it replaces.
+"""What a text-encoder swap and Built-in cost, against a raw read of the same file, at real shapes.
 
-    python benchmarks/bench_swap.py [--big] [--cycles 20] [--repeats 3] [--keep DIR]
+    python benchmarks/bench_swap.py [--t5 fp16|fp8] [--t5-blocks N] [--cycles 20] [--repeats 3] [--dir DIR]
 
-Files come from the page cache (they were just written), as they would on a second use. Real
-sizes, random weights: a CLIP-L (123M weights, files in fp16 as they are published) on an
-SD1.5 pipeline whose UNet also has its real size (860M, zeros: load time does not depend on
-values). ``--big`` swaps SDXL's CLIP-G (695M) instead, on an SDXL pipeline with a real CLIP-L and
-CLIP-G and a tiny UNet (so its "re-load the pipeline" baseline is a lower bound).
+Default: a real-shape CLIP-L (123M weights, fp16 file of 246 MB) into the CLIP-L slot of an SD1.5
+checkpoint's text encoder (a transformers ``CLIPTextModel`` at fp16, loaded from the checkpoint the way
+A1111 loads one: copied into its own parameters). ``--t5 fp16|fp8``: a real-shape T5-XXL encoder
+(d_model 4096, d_ff 10240, 64 heads; 24 blocks, or ``--t5-blocks N`` for a cut-down depth) into a T5
+slot already holding the checkpoint's T5 at fp16; fp8 is e4m3fn, kept packed at Auto. Files are
+written sparsely in ``--dir`` (default: a temporary folder, deleted afterwards) with random values in
+the first rows of every tensor. Run the real-size T5 under ``flock /work/rigs/.heavy.lock``.
 
-Measured in one run, on the same files:
+Measured in one run, page cache warm for every file (each is read once before it is timed):
 
-* **read**: merely reading the file's tensors into memory (its bytes, then ``safetensors.torch.load``:
-  every byte is read, unlike a lazy mmap);
-* **swap**: ``DiffusersAdapter.apply`` with the file: read, convert, check every key/shape/value,
-  snapshot the built-in weights (first swap only), load in place;
-* **swap B**: a second file while one is already swapped (no snapshot);
-* **restore**: back to Built-in, bit for bit;
-* **baseline**: re-loading the whole pipeline from disk (``from_pretrained``), what one does without
-  TE Switch;
-* **peak extra memory** during a swap (RSS sampled every 2 ms, and Python allocations via tracemalloc);
-* **resident memory after N swap/restore cycles** (after ``malloc_trim``): must not grow.
+* **raw read**: every tensor of the file read into freshly allocated memory (``readinto``): what any
+  loader pays at least to have the file in RAM — the baseline;
+* **swap**: ``SwapEngine.apply`` with the file on first use: open, map, check every key/shape/value
+  (reading each tensor once), fingerprint the slot and prove its source (first swap only), stream
+  the file in; **restore**: Built-in from the checkpoint, proven against the fingerprint;
+* **peak extra anonymous memory**: ``RssAnon`` (/proc/self/status) sampled every 2 ms during the
+  operation, minus the larger of before/after, as a share of the file size;
+* **cycles**: ``RssAnon`` after N swap/restore cycles against after the first one (must not grow).
 """
 
 from __future__ import annotations
@@ -31,59 +31,53 @@ import gc
 import json
 import os
 import shutil
+import struct
 import sys
 import tempfile
 import threading
 import time
-import tracemalloc
 from collections.abc import Callable, Iterator
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-from te_switch.core.selection import Selection, SlotChoice
-from te_switch.hosts.diffusers import DiffusersAdapter
-from te_switch.standalone.pipeline import load_pipeline
-from te_switch.standalone.resolver import EncoderResolver
+from te_switch.core.detect import inspect_path
+from te_switch.core.readers import open_file
+from te_switch.core.selection import SlotChoice
+from te_switch.hosts.engine import BuiltinSource, EncoderSource, SlotRequest, SwapEngine
+from te_switch.hosts.slots import hf_clip_slot, t5_slot
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
 CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-          "hidden_act": "quick_gelu", "projection_dim": 768}  # fmt: skip
-CLIP_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
-          "hidden_act": "gelu", "projection_dim": 1280}  # fmt: skip
-SD15_UNET = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280, 1280), "attention_head_dim": 8, "cross_attention_dim": 768,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-}  # fmt: skip
+          "hidden_act": "quick_gelu", "projection_dim": 768, "vocab_size": 49408, "max_position_embeddings": 77}  # fmt: skip
+T5_XXL = {"d_model": 4096, "d_ff": 10240, "num_heads": 64, "d_kv": 64, "vocab_size": 32128,
+          "feed_forward_proj": "gated-gelu", "is_gated_act": True, "dense_act_fn": "gelu_new"}  # fmt: skip
+SAFETENSORS_NAMES = {torch.float16: "F16", torch.float32: "F32", torch.float8_e4m3fn: "F8_E4M3"}
 
 
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
+def rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def trim() -> None:
-    """Give freed heap back to the OS, so RSS shows what is really held."""
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @contextlib.contextmanager
-def peak_rss() -> Iterator[dict[str, int]]:
-    """Sample RSS every 2 ms while the block runs: {'before', 'peak'} in bytes."""
-    out = {"before": rss(), "peak": 0}
+def peak_anon() -> Iterator[dict[str, int]]:
+    """RssAnon sampled every 2 ms while the block runs: {'before', 'peak', 'after'}."""
+    out = {"before": rss_anon(), "peak": 0, "after": 0}
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            out["peak"] = max(out["peak"], rss())
+            out["peak"] = max(out["peak"], rss_anon())
             time.sleep(0.002)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -93,184 +87,204 @@ def peak_rss() -> Iterator[dict[str, int]]:
     finally:
         stop.set()
         thread.join()
-        out["peak"] = max(out["peak"], rss())
+        out["after"] = rss_anon()
+        out["peak"] = max(out["peak"], out["after"])
 
 
-def clip_weights(config: dict, seed: int, *, projection: bool) -> dict[str, torch.Tensor]:
-    """A canonical (``text_model.*``) CLIP tower with random fp16 weights."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    full = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, **config)
-    with torch.device("meta"):
-        model = CLIPTextModelWithProjection(full)
+def write_sparse(path: str, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], seed: int) -> None:
+    """A safetensors file of these shapes; the first rows of each tensor random, the rest left sparse (zeros)."""
+    header, offset = {}, 0
+    for name, (shape, dtype) in shapes.items():
+        n = 1
+        for d in shape:
+            n *= d
+        size = n * torch.empty((), dtype=dtype).element_size()
+        header[name] = {
+            "dtype": SAFETENSORS_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
     g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, p in model.state_dict().items():
-        if "position_ids" in name or (name.startswith("text_projection") and not projection):
-            continue
-        noise = torch.randn(p.shape, generator=g)
-        if "norm" in name:
-            value = 1 + 0.1 * noise if name.endswith("weight") else 0.02 * noise
-        else:
-            value = noise * (0.02 if p.ndim < 2 or "embedding" in name else p.shape[1] ** -0.5)
-        out[name] = value.half()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        start = f.tell()
+        for name, (_shape, dtype) in shapes.items():
+            begin = header[name]["data_offsets"][0]
+            head = min(4096, header[name]["data_offsets"][1] - begin) // torch.empty((), dtype=dtype).element_size()
+            values = (torch.randn(head, generator=g) * 0.02).to(dtype)
+            f.seek(start + begin)
+            f.write(values.view(torch.uint8).numpy().tobytes())
+        f.truncate(start + offset)
+
+
+def clip_shapes(prefix: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        model = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+    keys = {k: v for k, v in model.state_dict().items() if "position_ids" not in k}
+    return {
+        prefix + ("text_model." + k if not k.startswith("text_model.") else k): (tuple(v.shape), torch.float16)
+        for k, v in keys.items()
+    }
+
+
+def t5_shapes(blocks: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    c = T5_XXL
+    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"shared.weight": ((c["vocab_size"], c["d_model"]), dtype)}
+    inner = c["num_heads"] * c["d_kv"]
+    for i in range(blocks):
+        h = f"encoder.block.{i}.layer."
+        for p in "qkv":
+            out[f"{h}0.SelfAttention.{p}.weight"] = ((inner, c["d_model"]), dtype)
+        out[f"{h}0.SelfAttention.o.weight"] = ((c["d_model"], inner), dtype)
+        if i == 0:
+            out[f"{h}0.SelfAttention.relative_attention_bias.weight"] = ((32, c["num_heads"]), torch.float32)
+        out[f"{h}0.layer_norm.weight"] = ((c["d_model"],), torch.float32)
+        out[f"{h}1.DenseReluDense.wi_0.weight"] = ((c["d_ff"], c["d_model"]), dtype)
+        out[f"{h}1.DenseReluDense.wi_1.weight"] = ((c["d_ff"], c["d_model"]), dtype)
+        out[f"{h}1.DenseReluDense.wo.weight"] = ((c["d_model"], c["d_ff"]), dtype)
+        out[f"{h}1.layer_norm.weight"] = ((c["d_model"],), torch.float32)
+    out["encoder.final_layer_norm.weight"] = ((c["d_model"],), torch.float32)
     return out
 
 
-def write_pipeline(folder: str, big: bool) -> None:
-    """A diffusers folder: real-size text encoder(s); the SD1.5 UNet at real size (zeros), or tiny for SDXL."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from safetensors.torch import save_file
-    from transformers import CLIPTextConfig
+def raw_read(path: str) -> float:
+    """Every tensor into fresh memory with plain reads: the baseline."""
+    started = time.perf_counter()
+    with open_file(path) as src:
+        entries = [(k, src.info(k)) for k in src.keys()]  # noqa: SIM118
+        offsets = {k: src._entries[k][1:] for k in src.keys()}  # noqa: SIM118  (byte spans)
+        data_start = src.data_start
+    held = []
+    with open(path, "rb", buffering=0) as f:
+        for key, _info in entries:
+            begin, end = offsets[key]
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(data_start + begin)
+            f.readinto(memoryview(buf.numpy()))
+            held.append(buf)
+    elapsed = time.perf_counter() - started
+    del held
+    trim()
+    return elapsed
 
-    from te_switch.standalone.tokenizers import write_clip_tokenizer
 
-    def text_encoder(sub: str, config: dict, seed: int, cls: str, projection: bool) -> None:
-        os.makedirs(os.path.join(folder, sub))
-        cfg = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, **config)
-        cfg.architectures = [cls]
-        cfg.save_pretrained(os.path.join(folder, sub))
-        weights = clip_weights(config, seed, projection=projection)
-        if cls == "CLIPTextModel":
-            weights = {k: v for k, v in weights.items() if not k.startswith("text_projection")}
-        save_file(weights, os.path.join(folder, sub, "model.safetensors"))
+def timed_with_memory(fn: Callable[[], object]) -> tuple[float, int]:
+    trim()
+    with peak_anon() as mem:
+        started = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - started
+    return elapsed, mem["peak"] - max(mem["before"], mem["after"])
 
-    if big:
-        unet_config = {**SD15_UNET, "block_out_channels": (32, 64), "layers_per_block": 1,
-                       "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-                       "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "cross_attention_dim": 2048,
-                       "attention_head_dim": 8, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
-                       "projection_class_embeddings_input_dim": 6 * 256 + 1280}  # fmt: skip
+
+def build_slot(kind: str, ckpt: str, blocks: int) -> tuple[object, BuiltinSource]:
+    """The slot's module loaded from the checkpoint at fp16 (copied in, as A1111 does) and its source."""
+    from safetensors import safe_open
+
+    if kind == "clip":
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        with torch.device("meta"):
+            model = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+        model = model.to_empty(device="cpu").half()
+        prefix = "cond_stage_model.transformer."
+        slot = hf_clip_slot("clip_l", model)
     else:
-        unet_config = SD15_UNET
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**unet_config)
-    unet.to_empty(device="cpu")
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.zero_()
-    unet.half().save_pretrained(os.path.join(folder, "unet"))
-    del unet
-    vae = AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4)  # fmt: skip
-    vae.save_pretrained(os.path.join(folder, "vae"))
-    EulerDiscreteScheduler().save_pretrained(os.path.join(folder, "scheduler"))
-    write_clip_tokenizer(os.path.join(folder, "tokenizer"))
-    index = {"_class_name": "StableDiffusionXLPipeline" if big else "StableDiffusionPipeline",
-             "scheduler": ["diffusers", "EulerDiscreteScheduler"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"]}  # fmt: skip
-    text_encoder("text_encoder", CLIP_L, 1, "CLIPTextModel", False)
-    if big:
-        text_encoder("text_encoder_2", CLIP_G, 2, "CLIPTextModelWithProjection", True)
-        write_clip_tokenizer(os.path.join(folder, "tokenizer_2"), pad_token="!")
-        index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
-                     tokenizer_2=["transformers", "CLIPTokenizer"], force_zeros_for_empty_prompt=True)  # fmt: skip
-    else:
-        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=2)
+        from transformers import T5Config, T5EncoderModel
 
-
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+        with torch.device("meta"):
+            model = T5EncoderModel(T5Config(num_layers=blocks, **T5_XXL))
+        model = model.to_empty(device="cpu").half()
+        prefix = ""
+        slot = t5_slot("t5xxl", model)
+    live = slot.live_tensors()
+    with safe_open(ckpt, framework="pt") as f, torch.no_grad():
+        for key in f.keys():  # noqa: SIM118
+            name = key[len(prefix) :] if key.startswith(prefix) else key
+            target = live.get(name, live.get(name.replace("text_model.", "", 1)))
+            if target is not None:
+                target.copy_(f.get_tensor(key))
+        if kind == "t5":
+            model.encoder.embed_tokens.weight = model.shared.weight  # tied, as from_pretrained leaves it
+        ids = live.get("text_model.embeddings.position_ids", live.get("embeddings.position_ids"))
+        if ids is not None:
+            ids.copy_(torch.arange(ids.shape[-1]))
+    tower = next(t for t in inspect_path(ckpt) if t.family)
+    return slot, BuiltinSource(ckpt, tower)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--big", action="store_true", help="swap SDXL's CLIP-G (695M) instead of CLIP-L")
-    parser.add_argument("--cycles", type=int, default=20, help="swap/restore cycles for the memory check")
-    parser.add_argument("--repeats", type=int, default=3, help="timings are the best of this many")
-    parser.add_argument("--keep", help="build the files in this folder and keep them (default: a temp folder)")
+    parser.add_argument("--t5", choices=("fp16", "fp8"), help="a T5-XXL file of this dtype into a T5 slot")
+    parser.add_argument("--t5-blocks", type=int, default=24, help="T5 depth (24 = real T5-XXL)")
+    parser.add_argument("--cycles", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", help="where to write the files (default: a temporary folder, deleted)")
     args = parser.parse_args(argv)
-
-    folder = args.keep or tempfile.mkdtemp(prefix="te_switch_bench_swap_")
+    folder = args.dir or tempfile.mkdtemp(prefix="te_switch_bench_swap_")
     os.makedirs(folder, exist_ok=True)
-    slot, config, projection = ("clip_g", CLIP_G, True) if args.big else ("clip_l", CLIP_L, False)
-    attr = "text_encoder_2" if args.big else "text_encoder"
+    torch.set_grad_enabled(False)
     try:
-        started = time.perf_counter()
-        pipeline_dir = os.path.join(folder, "pipeline")
-        if not os.path.isdir(pipeline_dir):
-            write_pipeline(pipeline_dir, args.big)
-        from safetensors.torch import load as load_bytes
-        from safetensors.torch import save_file
+        ckpt = os.path.join(folder, "checkpoint.safetensors")
+        incoming = os.path.join(folder, "incoming.safetensors")
+        if args.t5:
+            kind, label = "t5", f"T5-XXL {args.t5} ({args.t5_blocks} blocks)"
+            write_sparse(ckpt, t5_shapes(args.t5_blocks, torch.float16), 1)
+            dtype = torch.float16 if args.t5 == "fp16" else torch.float8_e4m3fn
+            write_sparse(incoming, t5_shapes(args.t5_blocks, dtype), 2)
+        else:
+            kind, label = "clip", "CLIP-L fp16 into SD1.5"
+            shapes = clip_shapes("cond_stage_model.transformer.")
+            shapes["model.diffusion_model.out.0.weight"] = ((320, 320), torch.float16)
+            write_sparse(ckpt, shapes, 1)
+            write_sparse(incoming, clip_shapes(""), 2)
+        size = os.path.getsize(incoming)
+        slot, builtin = build_slot(kind, ckpt, args.t5_blocks)
+        tower = next(t for t in inspect_path(incoming) if t.family)
+        source = EncoderSource(incoming, tower, "incoming")
+        engine = SwapEngine()
 
-        files = []
-        for name, seed in (("a.safetensors", 11), ("b.safetensors", 12)):
-            path = os.path.join(folder, name)
-            if not os.path.exists(path):
-                save_file(clip_weights(config, seed, projection=projection), path)
-            files.append(path)
-        print(f"files ready in {time.perf_counter() - started:.1f} s ({folder})")
+        def swap() -> None:
+            engine.apply([SlotRequest(slot, SlotChoice("incoming"), source, None, lambda: builtin)])
 
-        torch.set_grad_enabled(False)
+        def restore() -> None:
+            engine.apply([SlotRequest(slot, SlotChoice(None), None, None, lambda: builtin)])
 
-        def reload() -> object:
-            return load_pipeline(pipeline_dir, dtype=torch.float32, device="cpu")
-
-        pipe = reload()
-        adapter = DiffusersAdapter(pipe, EncoderResolver())
-        module = getattr(pipe, attr)
-        params = sum(p.numel() for p in module.parameters())
-        size = os.path.getsize(files[0])
-        print(f"{slot}: {params / 1e6:.0f}M weights, file {size / 1e6:.0f} MB fp16, loaded as fp32; "
-              f"{torch.get_num_threads()} threads, best of {args.repeats}")  # fmt: skip
-        builtin = state(module)
-        sel_a = Selection(slots={slot: SlotChoice(files[0])})
-        sel_b = Selection(slots={slot: SlotChoice(files[1])})
-
-        t_read, t_swap, t_swap_b, t_restore, t_reload = [], [], [], [], []
-        peak = {"rss": 0, "py": 0}
+        rows: dict[str, list[tuple[float, int]]] = {"raw read": [], "swap (first use)": [], "restore": []}
         for _ in range(args.repeats):
-            trim()
-            t_read.append(timed(lambda: load_bytes(open(files[0], "rb").read())))  # noqa: SIM115
-            trim()
-            tracemalloc.start()
-            with peak_rss() as mem:
-                t_swap.append(timed(lambda: adapter.apply(sel_a)))
-            peak["py"] = max(peak["py"], tracemalloc.get_traced_memory()[1])
-            tracemalloc.stop()
-            peak["rss"] = max(peak["rss"], mem["peak"] - mem["before"])
-            t_swap_b.append(timed(lambda: adapter.apply(sel_b)))
-            t_restore.append(timed(lambda: adapter.apply(Selection())))
-        after = state(module)
-        identical = builtin.keys() == after.keys() and all(torch.equal(builtin[k], after[k]) for k in builtin)
-        del after
-        for _ in range(min(args.repeats, 2)):  # the baseline is slow: two tries are plenty
-            trim()
-            t_reload.append(timed(reload))
-            gc.collect()
+            from te_switch.hosts import engine as engine_mod
 
-        best = {k: min(v) for k, v in (("read", t_read), ("swap", t_swap), ("swap B", t_swap_b),
-                                      ("restore", t_restore), ("re-load pipeline", t_reload))}  # fmt: skip
-        print(f"\n{'operation':<18} {'best':>9} {'vs read':>8} {'vs re-load':>11}")
-        for name, value in best.items():
-            print(f"{name:<18} {value:>8.2f}s {value / best['read']:>7.1f}x {value / best['re-load pipeline']:>10.2f}x")
-        print(f"restore bit-identical (values, dtypes, keys): {identical}")
-        print(f"peak extra memory during a swap: RSS +{peak['rss'] / 1e6:.0f} MB "
-              f"(file {size / 1e6:.0f} MB fp16, module {params * 4 / 1e6:.0f} MB fp32); "
-              f"Python allocations {peak['py'] / 1e6:.1f} MB")  # fmt: skip
-
-        adapter.apply(sel_a)
-        adapter.apply(Selection())
+            engine_mod._CHECKED.clear()
+            rows["raw read"].append((raw_read(incoming), 0))
+            rows["swap (first use)"].append(timed_with_memory(swap))
+            raw_read(ckpt)  # page cache warm for the restore, as for the baseline
+            rows["restore"].append(timed_with_memory(restore))
+        base = min(t for t, _ in rows["raw read"])
+        print(f"{label}: file {size / 1e6:.0f} MB, {torch.get_num_threads()} threads, best of {args.repeats}")
+        print(f"{'operation':<18} {'best':>8} {'vs raw read':>12} {'peak extra anon':>16} {'÷ file':>7}")
+        for name, values in rows.items():
+            best = min(t for t, _ in values)
+            peak = max(m for _, m in values)
+            print(f"{name:<18} {best:>7.2f}s {best / base:>11.2f}x {peak / 1e6:>13.1f} MB {peak / size:>6.1%}")
+        print(f"CPU copies kept by the engine while swapped: {engine.kept_bytes(slot)} bytes")
+        swap()
+        restore()
         trim()
-        first = rss()
-        for i in range(args.cycles):
-            adapter.apply(sel_a if i % 2 == 0 else sel_b)
-            adapter.apply(Selection())
+        first = rss_anon()
+        for _ in range(args.cycles):
+            swap()
+            restore()
         trim()
-        last = rss()
-        print(f"resident memory after {args.cycles} swap/restore cycles: {last / 1e6:.0f} MB "
-              f"(delta {(last - first) / 1e6:+.1f} MB vs after the first cycle)")  # fmt: skip
+        print(
+            f"RssAnon after {args.cycles} swap/restore cycles: {(rss_anon() - first) / 1e6:+.1f} MB vs after the first"
+        )
     finally:
-        if not args.keep:
+        if not args.dir:
             shutil.rmtree(folder, ignore_errors=True)
     return 0
 

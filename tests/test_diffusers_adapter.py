@@ -155,7 +155,7 @@ def test_clip_skip_stops_the_forward_at_the_chosen_layer(adapter: DiffusersAdapt
 def test_the_layer_shown_is_the_layer_run(pipeline: str, request: pytest.FixtureRequest, tapped_blocks: list) -> None:
     """The effective-layer line and the truncated forward come from one plan (SD2's 23 layers included)."""
     from te_switch.core.selection import SLOT_LABELS
-    from te_switch.hosts.modules import hf_clip_blocks
+    from te_switch.hosts.slots import hf_clip_blocks
 
     host: DiffusersAdapter = request.getfixturevalue(pipeline)
     blocks = {n: hf_clip_blocks(s.module) for n, s in host.slots(host.pipe).items()}

@@ -1,4 +1,4 @@
-"""hosts.engine.SwapEngine and hosts.base.HostAdapter: atomic, in-place, bit-identical swaps.
+"""hosts.engine.SwapEngine: atomic, in-place, bit-identical swaps.
 
 DESIGN "Swap semantics": a swap reads and validates the whole file before touching the model, loads
 in place, and "Built-in" puts the checkpoint's own tensors back bit for bit. Every check below
@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import gc
 import os
-import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,194 +22,42 @@ import filemakers as fm
 import pytest
 import refmodels as rm
 import torch
+from swaps import (
+    HF_SPELLINGS,
+    W,
+    assert_bits,
+    assert_outputs_equal,
+    assert_same,
+    bits,
+    clip_out,
+    fail_first_load,
+    hf_clip,
+    hf_file,
+    hf_weights,
+    make_t5,
+    one_line_error,
+    openclip,
+    openclip_file,
+    param_ids,
+    req,
+    same_bits,
+    save,
+    source,
+    t5_encode,
+    t5_ids,
+    t5_variant,
+)
 from torch import nn
 
 from te_switch.core import lowbit
-from te_switch.core.clip_skip import TowerPlan
 from te_switch.core.convert import load_tower
-from te_switch.core.detect import detect
 from te_switch.core.errors import TESwitchError
 from te_switch.core.longclip import causal_mask, stretch_positions
 from te_switch.core.readers import open_file
-from te_switch.core.selection import Selection, SlotChoice
 from te_switch.core.tensors import PackedTensor, materialize
 from te_switch.hosts import engine as engine_mod
-from te_switch.hosts.base import HostAdapter
-from te_switch.hosts.engine import EncoderSource, LiveSlot, SlotRequest, SwapEngine
-from te_switch.hosts.modules import hf_clip_slot, openclip_slot, t5_slot, text_transformer
-
-W = 64  # tower width: swap rules do not depend on it (real sizes only in the memory test)
-T5_VOCAB = 256
-HF_SPELLINGS = ["CLIPTextModel", "CLIPTextModelWithProjection"]  # transformers 5.x: flat vs text_model. keys
-
-Bits = dict[str, tuple[torch.dtype, tuple[int, ...], torch.Tensor]]
-
-
-# ---------------------------------------------------------------------------------------------
-# builders and comparisons
-
-
-def hf_clip(seed: int, *, proj: bool = False, positions: int = 77, width: int = W) -> nn.Module:
-    return rm.make_hf_clip(
-        width, 2, 4, vocab=rm.SMALL_VOCAB, proj_dim=48 if proj else None, positions=positions, seed=seed
-    )
-
-
-def openclip(
-    seed: int, *, proj: int | None = 48, context: int = 77, long: bool = False, layers: int = 2, width: int = W
-) -> rm.OpenClipTextTransformer:
-    return rm.make_openclip(
-        width, layers, 4, vocab=rm.SMALL_VOCAB, proj_dim=proj, context=context, long_clip=long, seed=seed
-    )
-
-
-def make_t5(seed: int) -> nn.Module:
-    """A tiny v1.1 T5 encoder (built here: refmodels.make_t5 needs UMT5, which transformers 4.30 lacks)."""
-    from transformers import T5Config, T5EncoderModel
-
-    cfg = T5Config(
-        vocab_size=T5_VOCAB, d_model=W, d_kv=W // 4, d_ff=2 * W, num_layers=2, num_heads=4,
-        feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128,
-        dropout_rate=0.0, tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    return rm.randomize_(T5EncoderModel(cfg), seed).eval()
-
-
-def t5_variant(model: nn.Module, variant: str) -> nn.Module:
-    """'hf': shared + tied encoder.embed_tokens; 'embed-only': a WebUI-style T5; 'shared-only': no embed_tokens key."""
-    if variant == "embed-only":
-        del model.shared
-    elif variant == "shared-only":
-        model.encoder.embed_tokens = None
-    return model
-
-
-@torch.no_grad()
-def t5_encode(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
-    emb = model.shared if "shared" in model._modules else model.encoder.embed_tokens
-    out = model.encoder(inputs_embeds=emb(ids), output_hidden_states=True)
-    return [*out.hidden_states, out.last_hidden_state]
-
-
-def t5_ids(seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, T5_VOCAB, (2, 11), generator=torch.Generator().manual_seed(seed))
-
-
-def save(path: Path, tensors: Mapping[str, torch.Tensor]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return fm.save_safetensors(path, tensors)
-
-
-def hf_file(
-    folder: Path, seed: int, *, proj: bool = True, positions: int = 77, flat: bool = False, name: str | None = None
-) -> tuple[Path, nn.Module]:
-    donor = hf_clip(seed, proj=proj, positions=positions)
-    path = save(folder / (name or f"clip-{seed}-{positions}.safetensors"), fm.hf_clip_state(donor, flat=flat))
-    return path, donor
-
-
-def openclip_file(folder: Path, seed: int, **kw: Any) -> tuple[Path, rm.OpenClipTextTransformer]:
-    donor = openclip(seed, **kw)
-    return save(folder / f"openclip-{seed}.safetensors", fm.openclip_state(donor)), donor
-
-
-def source(path: Path, kind: str, *, tower: str | None = None, label: str | None = None) -> EncoderSource:
-    """The tiny towers are CLIP-L/G or T5-XXL in all but width: take detect's answer, set the kind."""
-    with open_file(path) as src:
-        infos = detect(src)
-    info = next(t for t in infos if tower is None or t.tower == tower)
-    return EncoderSource(str(path), replace(info, kind=kind), label or path.name, "0123456789")
-
-
-def req(
-    slot: LiveSlot, src: EncoderSource | None = None, precision: str = "auto", positions: int | None = None
-) -> SlotRequest:
-    return SlotRequest(slot, SlotChoice(src.label if src else None, precision), src, positions)
-
-
-def raw(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().cpu().contiguous().clone().reshape(-1).view(torch.uint8)
-
-
-def bits(module: nn.Module) -> Bits:
-    """dtype, shape and raw bytes of every parameter and buffer (tied and non-persistent ones included)."""
-    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
-    return {name: (t.dtype, tuple(t.shape), raw(t)) for name, t in named}
-
-
-def assert_bits(module: nn.Module, want: Bits) -> None:
-    got = bits(module)
-    assert got.keys() == want.keys()
-    for name, (dtype, shape, data) in want.items():
-        assert got[name][:2] == (dtype, shape), name
-        assert torch.equal(got[name][2], data), f"{name} differs"
-
-
-def same_bits(module: nn.Module, want: Bits) -> bool:
-    try:
-        assert_bits(module, want)
-    except AssertionError:
-        return False
-    return True
-
-
-def param_ids(module: nn.Module) -> dict[str, int]:
-    return {n: id(p) for n, p in module.named_parameters(remove_duplicate=False)}
-
-
-def assert_same(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]) -> None:
-    assert got.keys() == want.keys()
-    for k, v in want.items():
-        assert got[k].dtype == v.dtype, k
-        assert torch.equal(got[k], v), k
-
-
-def hf_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return rm.hf_clip_canonical_sd(model)
-
-
-def clip_out(model: nn.Module, positions: int = 77, seed: int = 0) -> dict[str, Any]:
-    return rm.hf_clip_outputs(model, rm.clip_tokens(2, positions, rm.SMALL_VOCAB, seed=seed))
-
-
-def assert_outputs_equal(
-    a: Mapping[str, Any], b: Mapping[str, Any], keys: Iterable[str] = ("hidden_states", "last")
-) -> None:
-    for key in keys:
-        xs, ys = (a[key], b[key]) if isinstance(a[key], list) else ([a[key]], [b[key]])
-        assert len(xs) == len(ys)
-        for x, y in zip(xs, ys, strict=True):
-            assert torch.equal(x, y), key
-
-
-def one_line_error(exc: BaseException, *needles: str) -> str:
-    text = str(exc)
-    assert "\n" not in text, text
-    assert text.strip() == text, text
-    for n in needles:
-        assert n in text, f"{n!r} not in {text!r}"
-    return text
-
-
-def fail_first_load(module: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The next load_state_dict copies half the tensors, then raises (a crash mid-commit); later calls are real."""
-    real = module.load_state_dict
-    calls = {"n": 0}
-
-    def load(state_dict: Mapping[str, Any], strict: bool = True, **kw: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] > 1:
-            return real(state_dict, strict=strict, **kw)
-        live = module.state_dict(keep_vars=True)
-        with torch.no_grad():
-            for key in list(state_dict)[: len(state_dict) // 2]:
-                if key in live and live[key].shape == state_dict[key].shape:
-                    live[key].copy_(state_dict[key])
-        raise RuntimeError("simulated out-of-memory half-way through the load")
-
-    monkeypatch.setattr(module, "load_state_dict", load)
-
+from te_switch.hosts.engine import EncoderSource, LiveSlot, SwapEngine
+from te_switch.hosts.slots import hf_clip_slot, openclip_slot, t5_slot, text_transformer
 
 # ---------------------------------------------------------------------------------------------
 # swap and Built-in: bit-identical for every module family
@@ -934,35 +781,6 @@ def test_real_size_clip_l_cycles_do_not_grow_memory(tmp_path: Path, sparse_files
     assert late == early
 
 
-def test_forget_drops_the_snapshot_and_a_dead_module_frees_it(tmp_path: Path) -> None:
-    model = hf_clip(1)
-    path_a, donor_a = hf_file(tmp_path, 2)
-    path_b, _ = hf_file(tmp_path, 3)
-    slot, engine = hf_clip_slot("clip_l", model), SwapEngine()
-    engine.apply([req(slot, source(path_a, "clip-l"))])
-    snapshot = weakref.ref(next(iter(engine._memory[model].original.values())))
-    engine.forget(model)
-    gc.collect()
-    assert snapshot() is None
-    assert engine.applied(slot) is None
-    assert engine.restore(slot) is False  # nothing to restore: the host replaces the weights itself
-    # what the module holds now is what a later Built-in returns to
-    held = bits(model)
-    engine.apply([req(slot, source(path_b, "clip-l"))])
-    engine.apply([req(slot)])
-    assert_bits(model, held)
-    assert_same(
-        hf_weights(model),
-        {k: v for k, v in hf_weights(donor_a).items() if "projection" not in k},
-    )
-
-    engine.apply([req(slot, source(path_b, "clip-l"))])
-    assert len(engine._memory) == 1
-    del model, slot
-    gc.collect()
-    assert len(engine._memory) == 0  # weakly keyed: an unloaded model takes its snapshot with it
-
-
 # ---------------------------------------------------------------------------------------------
 # host hooks and wrappers survive
 
@@ -1012,265 +830,3 @@ def test_hooks_and_wrappers_on_the_slot_survive_swaps(tmp_path: Path) -> None:
     assert calls == {"pre": 3, "block": 3}
     assert wrapper.calls == 3
     assert_bits(model, before)
-
-
-# ---------------------------------------------------------------------------------------------
-# HostAdapter (hosts/base.py) through a minimal concrete adapter
-
-
-class FakeModel:
-    def __init__(self, family: str, towers: Mapping[str, nn.Module]) -> None:
-        self.family = family
-        self.towers = dict(towers)
-
-
-class TinyAdapter(HostAdapter):
-    name = "tiny"
-
-    def __init__(self, model: FakeModel | None, engine: SwapEngine) -> None:
-        super().__init__(engine)
-        self.model = model
-        self.swapped: list[list[str]] = []
-        self.note: str | None = None
-        self.auto: list[TowerPlan] | None = None
-
-    def live_model(self) -> FakeModel | None:
-        return self.model
-
-    def family(self, model: FakeModel) -> str | None:
-        return model.family
-
-    def slots(self, model: FakeModel) -> dict[str, LiveSlot]:
-        return {
-            name: openclip_slot(name, m) if isinstance(m, rm.OpenClipTextTransformer) else hf_clip_slot(name, m)
-            for name, m in model.towers.items()
-        }
-
-    def auto_plans(self, model: Any, family: str) -> list[TowerPlan]:
-        return self.auto if self.auto is not None else super().auto_plans(model, family)
-
-    def layer_note(self, model: Any, family: str, selection: Selection) -> str | None:
-        return self.note
-
-    def after_swap(self, model: Any) -> None:
-        # what the model holds when the host's bookkeeping runs: every commit is done by then
-        self.swapped.append([name for name, slot in self.slots(model).items() if self.engine.applied(slot)])
-
-    def install(self) -> None:
-        pass
-
-    def uninstall(self) -> None:
-        pass
-
-
-def sdxl() -> FakeModel:
-    return FakeModel("sdxl", {"clip_l": hf_clip(10), "clip_g": openclip(11)})
-
-
-@pytest.fixture
-def library(tmp_path: Path) -> dict[str, EncoderSource]:
-    long_l, _ = hf_file(tmp_path, 21, positions=248, name="long.safetensors")
-    plain_l, _ = hf_file(tmp_path, 20, name="plain.safetensors")
-    g, _ = openclip_file(tmp_path, 22)
-    nan = fm.openclip_state(openclip(23))
-    nan["ln_final.weight"][0] = float("inf")
-    bad = save(tmp_path / "bad-g.safetensors", nan)
-    return {
-        "long": source(long_l, "long-clip-l", label="long"),
-        "plain": source(plain_l, "clip-l", label="plain"),
-        "g": source(g, "clip-g", label="g"),
-        "bad-g": source(bad, "clip-g", label="bad-g"),
-    }
-
-
-def resolver(lib: Mapping[str, EncoderSource]) -> Callable[[str, str], EncoderSource]:
-    def resolve(slot: str, label: str) -> EncoderSource:
-        if label not in lib:
-            raise TESwitchError(f"{label}: not in the encoder folders")
-        return lib[label]
-
-    return resolve
-
-
-def sel(**slots: str) -> Selection:
-    return Selection(slots={k: SlotChoice(v) for k, v in slots.items()})
-
-
-@pytest.mark.parametrize(
-    ("family", "towers", "choice", "g_positions"),
-    [
-        ("sdxl", ("clip_l", "clip_g"), "long", 248),
-        ("sdxl", ("clip_l", "clip_g"), "plain", None),
-        ("sdxl", ("clip_l", "clip_g"), None, None),
-        ("sd1", ("clip_l",), "long", None),
-        ("sdxl-refiner", ("clip_g",), "long", None),
-    ],
-)
-def test_requests_stretch_clip_g_only_beside_a_long_clip_l(
-    library: dict[str, EncoderSource], family: str, towers: tuple[str, ...], choice: str | None, g_positions: int | None
-) -> None:
-    made = {"clip_l": lambda: hf_clip(10), "clip_g": lambda: openclip(11)}
-    adapter = TinyAdapter(FakeModel(family, {t: made[t]() for t in towers}), SwapEngine())
-    selection = sel(clip_l=choice) if choice else Selection()
-    requests = {r.slot.name: r for r in adapter.requests(adapter.model, selection, resolver(library))}
-    assert set(requests) == set(towers)
-    if "clip_l" in requests:
-        assert requests["clip_l"].positions is None
-        assert requests["clip_l"].source == (library[choice] if choice else None)
-    if "clip_g" in requests:
-        assert requests["clip_g"].positions == g_positions
-        assert requests["clip_g"].source is None
-
-
-def test_adapter_apply_long_clip_on_sdxl_and_back(library: dict[str, EncoderSource]) -> None:
-    model = sdxl()
-    before_l, before_g = bits(model.towers["clip_l"]), bits(model.towers["clip_g"])
-    g_table = model.towers["clip_g"].positional_embedding.detach().clone()
-    adapter = TinyAdapter(model, SwapEngine())
-    adapter.resolver = resolver(library)
-
-    assert sorted(adapter.apply(sel(clip_l="long"))) == ["clip_g", "clip_l"]
-    assert adapter.swapped == [["clip_l", "clip_g"]]
-    assert text_transformer(model.towers["clip_l"]).embeddings.position_embedding.weight.shape[0] == 248
-    assert torch.equal(model.towers["clip_g"].positional_embedding, stretch_positions(g_table))
-    assert model.towers["clip_g"].attn_mask.shape == (248, 248)
-    status = adapter.status()
-    assert {n: s["positions"] for n, s in status["slots"].items()} == {"clip_l": 248, "clip_g": 248}
-
-    assert sorted(adapter.apply(Selection())) == ["clip_g", "clip_l"]
-    assert_bits(model.towers["clip_l"], before_l)
-    assert_bits(model.towers["clip_g"], before_g)
-    assert adapter.apply(Selection()) == []
-    assert len(adapter.swapped) == 2  # no bookkeeping for a no-op
-
-
-def test_adapter_apply_is_atomic_across_slots(library: dict[str, EncoderSource]) -> None:
-    model = sdxl()
-    before_l, before_g = bits(model.towers["clip_l"]), bits(model.towers["clip_g"])
-    adapter = TinyAdapter(model, SwapEngine())
-    adapter.resolver = resolver(library)
-    for selection in (sel(clip_l="plain", clip_g="bad-g"), sel(clip_l="plain", clip_g="missing")):
-        with pytest.raises(TESwitchError) as err:
-            adapter.apply(selection)
-        one_line_error(err.value)
-        assert_bits(model.towers["clip_l"], before_l)
-        assert_bits(model.towers["clip_g"], before_g)
-    assert adapter.requested is None
-    assert adapter.swapped == []
-    assert adapter.engine.epoch == 0
-
-
-def test_adapter_apply_without_model_or_resolver(library: dict[str, EncoderSource]) -> None:
-    adapter = TinyAdapter(None, SwapEngine())
-    assert adapter.apply(sel(clip_l="plain")) == []
-    adapter.model = sdxl()
-    with pytest.raises(RuntimeError, match="resolver"):
-        adapter.apply(sel(clip_l="plain"))
-    assert adapter.apply(sel(clip_l="plain"), resolver(library)) == ["clip_l"]
-
-
-def test_reapply_puts_the_request_onto_fresh_modules(library: dict[str, EncoderSource]) -> None:
-    adapter = TinyAdapter(sdxl(), SwapEngine())
-    assert adapter.reapply() == []  # nothing requested yet
-    adapter.resolver = resolver(library)
-    selection = sel(clip_l="plain", clip_g="g")
-    adapter.apply(selection)
-    assert adapter.requested == selection
-    swapped = hf_weights(adapter.model.towers["clip_l"])
-
-    adapter.model = sdxl()  # the host reloaded the checkpoint: new module objects, built-in weights
-    fresh_before = bits(adapter.model.towers["clip_l"])
-    assert sorted(adapter.reapply()) == ["clip_g", "clip_l"]
-    assert_same(hf_weights(adapter.model.towers["clip_l"]), swapped)
-    assert adapter.swapped[-1] == ["clip_l", "clip_g"]
-    adapter.apply(Selection())
-    assert_bits(adapter.model.towers["clip_l"], fresh_before)
-
-
-def test_reapply_after_an_in_place_reload_needs_forget(library: dict[str, EncoderSource]) -> None:
-    """A host that reloads weights into the same modules must forget() them; then reapply works."""
-    adapter = TinyAdapter(sdxl(), SwapEngine())
-    adapter.resolver = resolver(library)
-    adapter.apply(sel(clip_l="plain"))
-    swapped = hf_weights(adapter.model.towers["clip_l"])
-    tower = adapter.model.towers["clip_l"]
-    tower.load_state_dict(hf_clip(10).state_dict())  # the host's reload
-    adapter.engine.forget(tower)
-    assert adapter.reapply() == ["clip_l"]
-    assert_same(hf_weights(tower), swapped)
-
-
-@pytest.mark.parametrize(
-    ("family", "selection", "line"),
-    [
-        ("sd1", Selection(), "SD1 · CLIP-L layer 12/12 · native"),
-        ("sd1", Selection(clip_skip=2), "SD1 · CLIP-L layer 11/12"),
-        ("sd1", Selection(clip_skip=1), "SD1 · CLIP-L layer 12/12 · native"),
-        ("sd2", Selection(), "SD2 · CLIP-H layer 23/24 · native"),
-        ("sd2", Selection(clip_skip=12), "SD2 · CLIP-H layer 13/24"),
-        ("sdxl", Selection(), "SDXL · CLIP-L layer 11/12 · CLIP-G layer 31/32 · native"),
-        ("sdxl", Selection(clip_skip=1), "SDXL · CLIP-L layer 12/12 · CLIP-G layer 32/32"),
-        ("sdxl", Selection(clip_skip=3, scope="clip_l"), "SDXL · CLIP-L layer 10/12 · CLIP-G layer 31/32"),
-        ("sdxl", Selection(clip_skip=3, scope="clip_g"), "SDXL · CLIP-L layer 11/12 · CLIP-G layer 30/32"),
-        ("sdxl", Selection(clip_skip=2, scope="clip_g"), "SDXL · CLIP-L layer 11/12 · CLIP-G layer 31/32 · native"),
-        ("sdxl-refiner", Selection(), "SDXL refiner · CLIP-G layer 31/32 · native"),
-        ("sd3", Selection(clip_skip=12), "SD3 · CLIP-L layer 1/12 · CLIP-G layer 21/32"),
-        ("flux", Selection(clip_skip=2), "Flux uses only CLIP-L's pooled output: clip skip has no effect"),
-        ("flux", Selection(), "Flux uses only CLIP-L's pooled output: clip skip has no effect"),
-    ],
-)
-def test_describe_lines(family: str, selection: Selection, line: str) -> None:
-    adapter = TinyAdapter(FakeModel(family, {}), SwapEngine())
-    assert adapter.describe(selection) == line
-
-
-def test_describe_note_auto_plans_and_no_model() -> None:
-    adapter = TinyAdapter(None, SwapEngine())
-    assert adapter.describe(Selection()).startswith("No model loaded yet")
-    assert adapter.plans(Selection()) == []
-    assert adapter.slot_names() == ()
-    adapter.model = FakeModel("sd2", {})
-    adapter.note = "this host's copy has 23 layers"
-    assert (
-        adapter.describe(Selection(clip_skip=2)) == "SD2 · CLIP-H layer 23/24 · native · this host's copy has 23 layers"
-    )
-    # Auto asks the host what it does natively (a host may differ from DESIGN's natives)
-    adapter.auto = [TowerPlan("clip_h", 1, 24, True, True)]
-    adapter.note = None
-    assert adapter.describe(Selection()) == "SD2 · CLIP-H layer 24/24 · native"
-    assert adapter.plans(Selection(clip_skip=3))[0].skip == 3
-    assert adapter.slot_names() == ("clip_h",)
-
-
-def test_status_reports_each_slot(library: dict[str, EncoderSource]) -> None:
-    adapter = TinyAdapter(None, SwapEngine())
-    assert adapter.status() == {"host": "tiny", "family": None, "slots": {}, "epoch": 0}
-    adapter.model = sdxl()
-    adapter.resolver = resolver(library)
-    adapter.apply(Selection(slots={"clip_l": SlotChoice("plain", "fp16")}))
-    status = adapter.status()
-    assert status == {
-        "host": "tiny",
-        "family": "sdxl",
-        "epoch": adapter.engine.epoch,
-        "slots": {
-            "clip_l": {"label": "CLIP-L", "encoder": "plain", "hash": "0123456789", "kind": "clip-l",
-                       "precision": "fp16", "positions": 77},
-            "clip_g": {"label": "CLIP-G", "encoder": "Built-in", "hash": None, "kind": None, "precision": "auto",
-                       "positions": 77},
-        },
-    }  # fmt: skip
-    assert adapter.engine.epoch > 0
-
-
-def test_cond_signature_follows_epoch_and_active_selection(library: dict[str, EncoderSource]) -> None:
-    adapter = TinyAdapter(sdxl(), SwapEngine())
-    adapter.resolver = resolver(library)
-    first = adapter.cond_signature()
-    adapter.begin(Selection(clip_skip=2))
-    second = adapter.cond_signature()
-    assert second != first
-    adapter.apply(sel(clip_l="plain"))
-    assert adapter.cond_signature() != second
-    adapter.end()
-    assert adapter.active is None

@@ -374,7 +374,7 @@ def test_sd3_and_flux_pooled_unchanged(assets: Assets) -> None:
 
 
 def test_truncated_forward_skips_later_blocks(assets: Assets) -> None:
-    from te_switch.hosts.modules import hf_clip_blocks
+    from te_switch.hosts.slots import hf_clip_blocks
 
     with forge(assets, "sdxl") as env:
         ran: dict[str, list[int]] = {"clip_l": [], "clip_g": []}
@@ -398,7 +398,7 @@ def test_truncated_forward_skips_later_blocks(assets: Assets) -> None:
 
 def test_sd2_counts_in_original_layers(assets: Assets) -> None:
     with forge(assets, "sd20") as env:
-        from te_switch.hosts.modules import hf_clip_blocks
+        from te_switch.hosts.slots import hf_clip_blocks
 
         assert len(hf_clip_blocks(slot_module(env, "clip_h"))) == 23
         for n, host in ((2, 1), (3, 2), (7, 6)):
@@ -414,7 +414,7 @@ def test_sd2_counts_in_original_layers(assets: Assets) -> None:
 def test_the_layer_shown_is_the_layer_run(assets: Assets, family: str, tapped_blocks: list) -> None:
     """The effective-layer line and the encode come from one plan (SD2's 23 layers included)."""
     from te_switch.core.selection import SLOT_LABELS
-    from te_switch.hosts.modules import hf_clip_blocks
+    from te_switch.hosts.slots import hf_clip_blocks
 
     with forge(assets, family) as env:
         from modules import shared
@@ -565,7 +565,7 @@ def test_textual_inversion_survives_swap(assets: Assets) -> None:
         from backend.text_processing.classic_engine import CLIPEmbeddingForTextualInversion
         from backend.text_processing.textual_inversion import Embedding
 
-        from te_switch.hosts.modules import text_transformer
+        from te_switch.hosts.slots import text_transformer
 
         engine = env.model.text_processing_engine
         vec = torch.linspace(-1, 1, 2 * L_DIMS[0]).reshape(2, L_DIMS[0])
@@ -606,7 +606,7 @@ def test_long_clip_sd1(assets: Assets) -> None:
 
 def test_long_clip_sdxl_stretches_g(assets: Assets) -> None:
     from te_switch.core.longclip import stretch_positions
-    from te_switch.hosts.modules import text_transformer
+    from te_switch.hosts.slots import text_transformer
 
     words = " ".join(["fox", "snow", "tree", "light"] * 50)
     with forge(assets, "sdxl") as env:
@@ -643,7 +643,7 @@ def test_precision_fp32_is_real(assets: Assets) -> None:
 
 
 def text_transformer_of(env: Env) -> Any:
-    from te_switch.hosts.modules import text_transformer
+    from te_switch.hosts.slots import text_transformer
 
     return text_transformer(slot_module(env, "clip_l"))
 
@@ -720,7 +720,7 @@ def test_partial_load_is_undone_before_swap(assets: Assets) -> None:
 
 def test_sd2_accepts_24_layer_clip_h(assets: Assets) -> None:
     with forge(assets, "sd20") as env:
-        from te_switch.hosts.modules import hf_clip_blocks
+        from te_switch.hosts.slots import hf_clip_blocks
 
         module = slot_module(env, "clip_h")
         before = params(module)

@@ -215,21 +215,27 @@ def first_non_finite(sd: Mapping[str, Weight]) -> str | None:
 # entry points
 
 
-def load_tower(src: TensorSource, tower: TowerInfo, *, check: bool = True) -> dict[str, Weight]:
-    """Read one tower of ``src`` and return it under canonical names (values as stored)."""
+def load_tower(
+    src: TensorSource, tower: TowerInfo, *, check: bool = True, as_stored: bool = False
+) -> dict[str, Weight]:
+    """Read one tower of ``src`` and return it under canonical names (values as stored).
+
+    ``as_stored``: no folding of scaled-fp8 scales or GmP factors (how a host that loaded the file as
+    it is holds it: Forge keeps ``scale_weight`` beside the fp8 weight); implies no completeness check.
+    """
     if not tower.usable and check:
         raise BadFileError(src.path, tower.error or tower.note or f"not a usable text encoder ({tower.kind})")
     p = tower.prefix
     layout = layout_of(tower.layout, tower.family)
     local = {k[len(p) :]: src.load(k) for k in layout.keys(src.keys(), p)}
     try:
-        local = fold_gmp(fold_scaled_fp8(local))
+        local = local if as_stored else fold_gmp(fold_scaled_fp8(local))
     except ValueError as e:
         raise BadFileError(src.path, str(e)) from None
     sd = layout.to_canonical(local)
     # derived or unused: adapters write arange(positions) themselves; logit_scale is CLIP's loss temperature
     sd = {k: v for k, v in sd.items() if not k.endswith(("position_ids", "logit_scale"))}
-    if check:
+    if check and not as_stored:
         check_complete(sd, tower.family or "clip", src.path)
     return sd
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -35,10 +36,11 @@ from te_switch.core.longclip import chunk_length
 from te_switch.core.selection import SLOTS_BY_FAMILY, Selection
 from te_switch.core.tensors import Weight
 from te_switch.hosts import sdwebui
-from te_switch.hosts.base import HostAdapter, tower_positions
-from te_switch.hosts.engine import LiveSlot, SwapEngine
-from te_switch.hosts.modules import hf_clip_slot, openclip_slot, t5_slot, text_transformer
+from te_switch.hosts.base import HostAdapter, tower_in, tower_positions
+from te_switch.hosts.engine import BuiltinSource, LiveSlot, SwapEngine
+from te_switch.hosts.slots import hf_clip_slot, openclip_slot, t5_slot, text_transformer
 
+SD3_FILES = {"clip_l": "clip_l.safetensors", "clip_g": "clip_g.safetensors", "t5xxl": "t5xxl_fp16.safetensors"}
 # (A1111's original encode, the wrapper, the tokens, the plan or None) -> the cond of one tower
 TowerEncode = Callable[[Callable[..., Any], Any, torch.Tensor, TowerPlan | None], Any]
 Patch = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -182,6 +184,30 @@ class A1111Adapter(HostAdapter):
             return []
         with _named_as_hijacked(towers.values()):
             return [name for name, module in towers.items() if self.engine.restore(_slot_for(name, module))]
+
+    def builtin_source(self, model: Any, name: str) -> BuiltinSource | None:
+        """A1111 loads the checkpoint's own keys into the slot (``model.load_state_dict``), cast to fp16
+        unless ``--no-half`` (then its fp8 storage option casts Linear weights on); SD3 takes a tower the
+        checkpoint lacks from ``models/CLIP`` (``SD3Cond.before_load_weights``)."""
+        from modules import shared
+
+        module = _text_towers(model).get(name)
+        path = getattr(getattr(model, "sd_checkpoint_info", None), "filename", None)
+        tower = tower_in(path, name) if module is not None else None
+        if tower is not None and tower.tower != name and getattr(model, "is_sd3", False):
+            tower = None  # an SD3 checkpoint without this tower: A1111 read the models/CLIP file
+        if tower is None and module is not None and getattr(model, "is_sd3", False):
+            path = os.path.join(getattr(shared, "models_path", ""), "CLIP", SD3_FILES[name])
+            tower = tower_in(path, name)
+        if tower is None or module is None:
+            return None
+        live = set(module.state_dict().keys())
+
+        def to_host(sd: Mapping[str, Weight]) -> dict[str, Weight]:
+            return {_stored_key(key, live): value for key, value in sd.items()}
+
+        half = None if getattr(shared.cmd_opts, "no_half", False) else torch.float16
+        return BuiltinSource(str(path), tower, cast_via=half, to_host=to_host, stored_names=True)
 
     def on_model_loaded(self, sd_model: Any) -> list[str]:
         """``script_callbacks.on_model_loaded``: after a load, VAE change or same-config reload.
@@ -392,6 +418,14 @@ def _through_hijack(slot: LiveSlot) -> LiveSlot:
         return {_live_key(key, live): value for key, value in to_host(sd).items()}
 
     return dataclasses.replace(slot, to_host=through)
+
+
+def _stored_key(key: str, live: set[str]) -> str:
+    """A checkpoint key (less its tower prefix) -> the live key A1111 loaded it into: old SD1 names gain
+    ``text_model.`` (``checkpoint_dict_replacements_sd1``), hijacked token tables their ``wrapped.``."""
+    if key not in live and "text_model." + key in live:
+        key = "text_model." + key
+    return _live_key(key, live)
 
 
 def _live_key(key: str, live: set[str]) -> str:

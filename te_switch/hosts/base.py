@@ -13,6 +13,8 @@ and :meth:`HostAdapter.install` over the adapter's :meth:`~HostAdapter.patch_tar
 
 from __future__ import annotations
 
+import functools
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -21,10 +23,11 @@ import torch
 
 from te_switch.core import clip_skip
 from te_switch.core.clip_skip import TowerPlan
+from te_switch.core.detect import TowerInfo, inspect_path
 from te_switch.core.selection import SLOT_LABELS, SLOTS_BY_FAMILY, Selection
 from te_switch.hosts import sdwebui
-from te_switch.hosts.engine import EncoderSource, LiveSlot, SlotRequest, SwapEngine
-from te_switch.hosts.modules import text_transformer
+from te_switch.hosts.engine import BuiltinSource, EncoderSource, LiveSlot, SlotRequest, SwapEngine
+from te_switch.hosts.slots import text_transformer
 
 # resolve(slot_name, encoder_label) -> the file to load; raises TESwitchError when it is missing
 Resolver = Callable[[str, str], EncoderSource]
@@ -113,8 +116,14 @@ class HostAdapter(ABC):
         out = []
         for name, slot in slots.items():
             positions = 248 if (name == "clip_g" and long_l and "clip_l" in slots) else None
-            out.append(SlotRequest(slot, selection.slot(name), sources[name], positions))
+            builtin = functools.partial(self.builtin_source, model, name)
+            out.append(SlotRequest(slot, selection.slot(name), sources[name], positions, builtin))
         return out
+
+    def builtin_source(self, model: Any, name: str) -> BuiltinSource | None:
+        """The file slot ``name``'s own weights came from and how the host converted it (None: unknown,
+        so the engine keeps a CPU copy before the first swap)."""
+        return None
 
     def apply(self, selection: Selection, resolve: Resolver | None = None) -> list[str]:
         """Swap/restore every slot to match ``selection`` (atomic across slots)."""
@@ -229,3 +238,16 @@ def tower_positions(tower: torch.nn.Module) -> int:
     if isinstance(table, torch.Tensor):
         return int(table.shape[0])
     return int(text_transformer(tower).embeddings.position_embedding.weight.shape[0])
+
+
+def tower_in(path: str | None, slot: str, *, width: int | None = None) -> TowerInfo | None:
+    """The tower of ``path`` that a host put into ``slot``: the one a checkpoint names for it, else the only
+    (or the ``width``-wide) tower of the slot's family. None when the file has none or cannot be read."""
+    if not path or not os.path.isfile(path):
+        return None
+    towers = [t for t in inspect_path(path) if t.family is not None and t.error is None]
+    named = [t for t in towers if t.tower == slot]
+    family = "t5" if slot == "t5xxl" else "clip"
+    same = [t for t in towers if t.family == family and (width is None or t.width in (None, width))]
+    found = named or same
+    return found[0] if len(found) == 1 or named else None

@@ -40,11 +40,12 @@ from te_switch.core.clip_skip import TowerPlan, run_to_layer
 from te_switch.core.compute import autocast_off
 from te_switch.core.errors import TESwitchError
 from te_switch.core.longclip import chunk_length
+from te_switch.core.readers import open_file
 from te_switch.core.selection import SLOT_LABELS, Selection
 from te_switch.core.tensors import Weight
-from te_switch.hosts.base import HostAdapter, Resolver, tower_positions
-from te_switch.hosts.engine import LiveSlot
-from te_switch.hosts.modules import hf_clip_blocks, hf_clip_slot, t5_slot, text_transformer
+from te_switch.hosts.base import HostAdapter, Resolver, tower_in, tower_positions
+from te_switch.hosts.engine import BuiltinSource, LiveSlot
+from te_switch.hosts.slots import hf_clip_blocks, hf_clip_slot, t5_slot, text_transformer
 
 # slot -> (text-encoder attribute, tokenizer attribute) per family
 COMPONENTS: dict[str, dict[str, tuple[str, str]]] = {
@@ -146,6 +147,21 @@ class DiffusersAdapter(HostAdapter):
                 tokenizer.model_max_length = positions
             if slot_name == "clip_l" and hasattr(model, "tokenizer_max_length"):
                 model.tokenizer_max_length = positions  # SD3 / Flux read this instead
+
+    def builtin_source(self, model: Any, name: str) -> BuiltinSource | None:
+        """``from_pretrained`` read the component's folder (its one weights file or index), a single-file
+        pipeline the checkpoint, each cast to the component's dtype."""
+        module = getattr(model, COMPONENTS.get(self.family(model) or "", {}).get(name, ("", ""))[0], None)
+        folder = getattr(module, "name_or_path", None) or getattr(getattr(module, "config", None), "_name_or_path", "")
+        path = folder if folder and os.path.exists(folder) else getattr(model.config, "_name_or_path", "")
+        if path and os.path.isdir(path):
+            try:
+                with open_file(path) as src:
+                    path = src.path
+            except TESwitchError:
+                return None
+        tower = tower_in(path, name) if path else None
+        return BuiltinSource(tower.path, tower) if tower is not None else None
 
     # -- reporting -------------------------------------------------------------------------------
 

@@ -1,19 +1,34 @@
-"""The swap engine every host adapter shares: atomic, in place, restorable.
+"""The swap engine every host adapter shares: atomic, in place, restorable without a second copy.
 
 A host adapter describes each encoder slot of its live model as a :class:`LiveSlot` (the module
-to load into, how canonical names map to its own, how to resize its position table). The engine
-then does the rest the same way everywhere:
+to load into, how canonical names map to its own, how to resize its position table) and says where
+the slot's own weights came from (:class:`BuiltinSource`: the checkpoint, a separate text-encoder
+file, a pipeline folder). The engine then does the rest the same way everywhere:
 
-1. **prepare** — read and convert the file, map it to the slot's names, check every key, shape
-   and value against the live module. Nothing in the model is touched; any problem is a
-   one-line :class:`IncompatibleError`/:class:`BadFileError`.
-2. **commit** — snapshot the slot's own tensors to CPU (first swap only), resize positions if a
-   Long-CLIP needs it, set the precision, ``load_state_dict`` in place (so host hooks, LoRA
-   bookkeeping and offloading keep working), or keep compressed weights packed.
-3. **restore** — put the snapshot back bit for bit and free it.
+1. **prepare** — map the file to the slot's names and check every key, shape and value against the
+   live module, reading each tensor once through the file's mmap and keeping none of them. Nothing in
+   the model is touched; any problem is a one-line :class:`IncompatibleError`/:class:`BadFileError`.
+2. **commit** — before the first swap of a slot, remember how to get its own tensors back (see
+   below); then resize positions if a Long-CLIP needs it, and stream the file into the slot tensor by
+   tensor: in place through the module's own ``load_state_dict`` (so host hooks, LoRA bookkeeping and
+   offloading keep working), or, for a tensor that is a view of a memory-mapped file, by pointing the
+   parameter at the new values (writing would copy the page cache into anonymous memory). Compressed
+   weights can stay packed (``core.lowbit``).
+3. **restore** — Built-in: re-read the host's own file through mmap, convert it as the host did, and
+   prove the result against a fingerprint taken before the first swap.
+
+What the engine remembers of a slot's own tensors, per tensor, taken before its first swap:
+
+* a sampled fingerprint (``core.fingerprint``), its dtype and shape — always;
+* for a tensor that was a view of a mapped file (Forge's fp8 T5, transformers' weights at the file's
+  dtype): that view itself, which costs no memory of its own; restore points the parameter back at it;
+* otherwise nothing, when the :class:`BuiltinSource` gives back the same fingerprint (checked then,
+  from a few pages of the file), else a copy on CPU in the host's own dtype (a model merged in memory,
+  a LoRA baked in, a file changed since it was loaded, a host that does not say where its weights came
+  from) — said once on the console.
 
 Several slots go through prepare together before any commit, so a bad second file leaves the first
-slot untouched too.
+slot untouched too; a failure during a commit puts every slot back from the same sources.
 """
 
 from __future__ import annotations
@@ -28,14 +43,16 @@ import torch
 
 from te_switch.core.convert import load_tower
 from te_switch.core.detect import TowerInfo
-from te_switch.core.errors import BadFileError, IncompatibleError, TESwitchError
+from te_switch.core.errors import BadFileError, IncompatibleError, TESwitchError, one_line
+from te_switch.core.fingerprint import fingerprint, is_mapped, mapped_ranges
 from te_switch.core.library import file_identity
 from te_switch.core.longclip import stretch_positions
-from te_switch.core.readers import open_file
+from te_switch.core.readers import TensorSource, open_file
 from te_switch.core.selection import KINDS_BY_SLOT, SLOT_LABELS, SlotChoice
 from te_switch.core.tensors import PRECISIONS, PackedTensor, Weight, all_finite, dense, is_compressed
 
 Resize = Callable[[int], None]
+QUIET_BYTES = 4096  # CPU copies up to this size are kept without a console line
 
 
 @dataclass
@@ -108,6 +125,8 @@ class SlotRequest:
     choice: SlotChoice
     source: EncoderSource | None = None
     positions: int | None = None
+    # where the slot's own weights came from (asked once, before the slot's first swap)
+    builtin: Callable[[], BuiltinSource | None] | None = None
 
 
 @dataclass
@@ -124,9 +143,40 @@ class Applied:
     wanted_positions: int | None = None
 
 
+@dataclass(frozen=True)
+class BuiltinSource:
+    """Where a slot's own weights came from, and how the host turned that file into them.
+
+    The engine reads ``tower`` of ``path`` as stored, under canonical names (or, ``stored_names``, under
+    the file's own names less the tower's prefix: a host that loads the checkpoint's keys into its modules
+    as they are, like A1111), maps it with ``to_host`` (default: the slot's own mapping) and casts every
+    tensor to the dtype the slot holds, through ``cast_via`` first when the host did that (A1111 casts a
+    checkpoint to fp16 before its fp8 storage option casts to fp8).
+    """
+
+    path: str
+    tower: TowerInfo
+    cast_via: torch.dtype | None = None
+    to_host: Callable[[Mapping[str, Weight]], dict[str, Weight]] | None = None
+    stored_names: bool = False
+
+
+@dataclass
+class _Original:
+    """One of the slot's own tensors, as it was before the first swap."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    print: bytes  # core.fingerprint of the tensor
+    view: torch.Tensor | None = None  # the host's own view of a mapped file (no memory of its own)
+    copy: torch.Tensor | None = None  # CPU copy in the host's dtype: the file cannot give it back
+    rebuilt: bool = False  # position ids: arange(positions), what resize() writes
+
+
 @dataclass
 class _Memory:
-    original: dict[str, torch.Tensor] = field(default_factory=dict)  # CPU copies of the checkpoint's own tensors
+    originals: dict[str, _Original] = field(default_factory=dict)  # one entry per distinct live tensor
+    origin: BuiltinSource | None = None
     original_positions: int | None = None
     packed: list[torch.nn.Module] = field(default_factory=list)  # modules holding a lowbit-attached weight
     applied: Applied | None = None
@@ -135,7 +185,7 @@ class _Memory:
 @dataclass
 class Prepared:
     request: SlotRequest
-    tensors: dict[str, Weight]
+    tensors: dict[str, Weight]  # host key -> value as stored, a view of the file where it can be
     identity: tuple
 
     @property
@@ -151,13 +201,90 @@ def _identity(request: SlotRequest) -> tuple:
     return (os.path.realpath(source.path), size, mtime, source.tower.prefix, *extra)
 
 
+def _file_state(path: str) -> tuple:
+    """What says a file is the one it was: its inode, size and mtime (shards included)."""
+    st = os.stat(path)
+    return (os.path.realpath(path), st.st_dev, st.st_ino, *file_identity(path))
+
+
+def _distinct(live: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One key per tensor: tied tables (T5's ``shared`` = ``encoder.embed_tokens``) are handled once."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in live.items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            out[key] = tensor
+    return out
+
+
+# values already read and found finite, per (file state, tower): the API's check and a swap share it
+_CHECKED: dict[tuple, str | None] = {}
+_checked_lock = threading.Lock()
+
+
+def checked_values(path: str, tower: TowerInfo) -> tuple[bool, str | None]:
+    """(known, reason) from an earlier read of ``tower`` of ``path`` as it is now: reason None = all finite."""
+    try:
+        key = (*_file_state(path), tower.prefix)
+    except OSError:
+        return False, None
+    with _checked_lock:
+        return key in _CHECKED, _CHECKED.get(key)
+
+
+def remember_check(path: str, tower: TowerInfo, reason: str | None) -> None:
+    try:
+        key = (*_file_state(path), tower.prefix)
+    except OSError:
+        return
+    with _checked_lock:
+        _CHECKED[key] = reason
+
+
+def first_bad_value(values: Mapping[str, Weight]) -> str | None:
+    """The first key whose values are not all finite; each distinct tensor is read once, none kept."""
+    seen: set[int] = set()
+    for key, value in values.items():
+        if id(value) in seen or (isinstance(value, torch.Tensor) and not value.is_floating_point()):
+            continue
+        seen.add(id(value))
+        if isinstance(value, PackedTensor):
+            ok = all(all_finite(dense(part)) for part in _row_chunks(value))
+        else:
+            ok = all_finite(value)
+        if not ok:
+            return key
+    return None
+
+
+def _row_chunks(value: PackedTensor, rows: int = 1024) -> list[PackedTensor]:
+    """A packed weight as slices of rows, so checking it never expands it whole."""
+    if (
+        value.raw.dim() < 2
+        or value.raw.shape[0] != value.shape[0]
+        or (value.scale is not None and value.scale.numel() > 1)
+    ):
+        return [value]
+    return [
+        PackedTensor(
+            value.qtype,
+            value.raw[i : i + rows],
+            torch.Size((min(rows, value.shape[0] - i), *value.shape[1:])),
+            value.scale,
+        )
+        for i in range(0, value.shape[0], rows)
+    ]
+
+
 class SwapEngine:
     """Makes live slots hold what a Selection asks for. Thread-safe; one instance per process."""
 
-    def __init__(self) -> None:
+    def __init__(self, notify: Callable[[str], None] = print) -> None:
         self._lock = threading.RLock()
         self._memory: weakref.WeakKeyDictionary[torch.nn.Module, _Memory] = weakref.WeakKeyDictionary()
         self.epoch = 0  # bumped on every change: part of cond-cache keys
+        self.notify = notify  # the console line for a snapshot fallback
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -177,6 +304,11 @@ class SwapEngine:
         """The dtype the user asked this slot to compute in (None: the host's choice)."""
         applied = self.applied(slot)
         return PRECISIONS[applied.precision] if applied else None
+
+    def kept_bytes(self, slot: LiveSlot) -> int:
+        """Bytes of CPU copies the engine holds for ``slot`` (0 unless it had to fall back)."""
+        mem = self._memory.get(slot.module)
+        return sum(o.copy.nbytes for o in mem.originals.values() if o.copy is not None) if mem else 0
 
     # -- prepare (reads, never touches the model) ---------------------------------------------
 
@@ -228,11 +360,13 @@ class SwapEngine:
                 raise IncompatibleError(f"{name}: {key} is {list(got)} but the {slot.label} slot needs {list(want)}")
         if new_positions is not None and slot.resize is None and new_positions != slot.positions():
             raise IncompatibleError(f"{name}: {new_positions} positions; this host's {slot.label} is fixed")
-        for key, value in host.items():
-            if isinstance(value, torch.Tensor) and not value.is_floating_point():
-                continue
-            if not all_finite(dense(value)):
-                raise BadFileError(source.path, f"tensor {key} holds NaN or Inf values")
+        known, reason = checked_values(source.path, source.tower)
+        if not known:
+            bad = first_bad_value(host)
+            reason = None if bad is None else f"tensor {bad} holds NaN or Inf values"
+            remember_check(source.path, source.tower, reason)
+        if reason is not None:
+            raise BadFileError(source.path, reason)
 
     # -- commit / restore ---------------------------------------------------------------------
 
@@ -256,7 +390,7 @@ class SwapEngine:
             return changed
 
     def _return_to(self, slot: LiveSlot, previous: Applied | None) -> None:
-        """Best effort: put ``slot`` back to ``previous`` (Built-in when that cannot be re-read)."""
+        """Put ``slot`` back to ``previous``: Built-in from the host's file, a swap from its file."""
         current = self.applied(slot)
         if previous is None or previous.choice is None:
             if current is not None:
@@ -278,16 +412,19 @@ class SwapEngine:
         if mem is not None and mem.applied is not None and mem.applied.identity == p.identity:
             return False
         if mem is None:
-            mem = self._memory.setdefault(slot.module, _Memory())
+            mem = self._remember(slot, request)
+            self._memory[slot.module] = mem
         try:
-            self._snapshot(slot, mem)
             self._unpack(mem)
+            origin = _OriginReader(mem, slot)
             if request.source is None:
                 # the checkpoint's own weights, at another precision or position count
-                tensors: dict[str, Weight] = {k: v for k, v in mem.original.items() if k not in slot.derived}
+                tensors: dict[str, Weight] = {k: origin.value(k) for k in mem.originals if k not in slot.derived}
             else:
-                tensors = p.tensors
-                self._restore_untouched(slot, mem, tensors)
+                tensors = dict(p.tensors)
+                for key in slot.optional:  # optional keys a file omits keep the checkpoint's values
+                    if key not in tensors and key in mem.originals:
+                        tensors[key] = origin.value(key)
             positions = self._positions_of(slot, tensors) or mem.original_positions
             if request.positions is not None and positions != request.positions:
                 tensors = self._stretched(slot, tensors, request.positions)
@@ -295,8 +432,9 @@ class SwapEngine:
             if positions is not None and slot.resize is not None and positions != slot.positions():
                 slot.resize(positions)
             self._load(slot, mem, tensors, PRECISIONS[request.choice.precision])
+            origin.close()
         except Exception as e:
-            self._rollback(slot, mem)
+            self._rollback(slot)
             raise TESwitchError(f"{slot.label}: swap failed and was undone ({type(e).__name__}: {e})") from e
         mem.applied = Applied(
             request.source, request.choice.precision, p.identity, slot.positions(), request.choice, request.positions
@@ -305,7 +443,7 @@ class SwapEngine:
 
     def _original_positions(self, slot: LiveSlot) -> int | None:
         mem = self._memory.get(slot.module)
-        return mem.original_positions if mem and mem.original else slot.positions()
+        return mem.original_positions if mem and mem.originals else slot.positions()
 
     def _stretched(self, slot: LiveSlot, tensors: dict[str, Weight], positions: int) -> dict[str, Weight]:
         out = dict(tensors)
@@ -317,50 +455,49 @@ class SwapEngine:
                 out[key] = stretch_positions(table)
         return out
 
-    def _snapshot(self, slot: LiveSlot, mem: _Memory) -> None:
-        """CPU copies of every live tensor this or any later swap may replace (taken once)."""
-        if mem.original:
-            return
-        mem.original_positions = slot.positions()
-        for key, tensor in slot.live_tensors().items():
-            mem.original[key] = tensor.detach().to("cpu", copy=True)
+    # -- the slot's own tensors ----------------------------------------------------------------
 
-    def _restore_untouched(self, slot: LiveSlot, mem: _Memory, tensors: dict[str, Weight]) -> None:
-        """Optional keys a file omits keep the checkpoint's values (not an earlier file's)."""
-        for key in slot.optional:
-            if key not in tensors and key in mem.original:
-                tensors[key] = mem.original[key]
-
-    def _load(self, slot: LiveSlot, mem: _Memory, tensors: Mapping[str, Weight], dtype: torch.dtype | None) -> None:
-        live = slot.live_tensors()
-        keep_packed = dtype is None and any(is_compressed(v) for v in tensors.values())
-        if keep_packed:
-            from te_switch.core import lowbit
-        dense_part: dict[str, torch.Tensor] = {}
-        for key, value in tensors.items():
-            owner = _owner(slot.module, key) if keep_packed else None
-            kind = (slot.pack_kind or default_pack_kind)(owner) if owner is not None else None
-            if kind is not None and is_compressed(value) and key.endswith(".weight"):
-                # the snapshot already holds the original on CPU: park it there instead of the GPU
-                lowbit.attach(owner, value, kind=kind, offload="cpu")
-                mem.packed.append(owner)
-            else:
-                dense_part[key] = dense(value) if isinstance(value, PackedTensor) else value  # type: ignore[assignment]
-        with torch.no_grad():
-            if dtype is not None:
-                for key, tensor in live.items():
-                    want = torch.float32 if dtype == torch.float16 and key in slot.keep_fp32 else dtype
-                    if tensor.is_floating_point() and tensor.dtype != want and key not in slot.derived:
-                        tensor.data = tensor.data.to(want)
-            elif mem.original:
-                # back to the checkpoint's dtypes (an earlier swap may have changed them)
-                for key, tensor in live.items():
-                    orig = mem.original.get(key)
-                    if orig is not None and tensor.dtype != orig.dtype:
-                        tensor.data = tensor.data.to(orig.dtype)
-            result = slot.module.load_state_dict(dense_part, strict=False)
-        if result.unexpected_keys:
-            raise RuntimeError(f"the module did not take {result.unexpected_keys[0]}")
+    def _remember(self, slot: LiveSlot, request: SlotRequest) -> _Memory:
+        """Before the first swap: fingerprint every tensor and decide how each one comes back."""
+        mem = _Memory(original_positions=slot.positions())
+        live = _distinct(slot.live_tensors())
+        ranges = mapped_ranges()
+        origin = request.builtin() if request.builtin is not None else None
+        recipe: dict[str, Weight] = {}
+        reader = None
+        if origin is not None:
+            try:
+                reader = open_file(origin.path)
+                recipe = _recipe(reader, origin, slot)
+                mem.origin = origin
+            except (OSError, TESwitchError, KeyError, ValueError):
+                recipe, mem.origin = {}, None
+        kept, missed = 0, []
+        for key, tensor in live.items():
+            original = _Original(tensor.dtype, tuple(tensor.shape), fingerprint(tensor))
+            if is_mapped(tensor, ranges):
+                original.view = tensor.detach()  # the host's own view of its file: free to keep
+            elif key in slot.derived and _is_arange(tensor):
+                original.rebuilt = True  # position ids: resize() writes them
+            elif key not in recipe or fingerprint(_as_host(recipe[key], tensor.dtype, origin)) != original.print:
+                original.copy = tensor.detach().to("cpu", copy=True)
+                kept += original.copy.nbytes
+                missed.append(key)
+            mem.originals[key] = original
+        if reader is not None:
+            reader.close()
+        if kept > QUIET_BYTES:  # a scalar the host never read from its file is not worth a line
+            why = (
+                f"its weights differ from {os.path.basename(origin.path)} (merged in memory, a LoRA baked in, "
+                "or the file changed since it was loaded)"
+                if origin is not None
+                else "the host does not say which file its weights came from"
+            )
+            self.notify(
+                f"TE Switch: {slot.label}: {why}; keeping a {kept / 1e6:.0f} MB copy of {len(missed)} of its"
+                f" {len(live)} tensors (first: {missed[0]}) on CPU to restore Built-in"
+            )
+        return mem
 
     def _unpack(self, mem: _Memory) -> None:
         if not mem.packed:
@@ -371,31 +508,85 @@ class SwapEngine:
             lowbit.detach(module)
         mem.packed.clear()
 
-    def _rollback(self, slot: LiveSlot, mem: _Memory) -> None:
+    def _load(self, slot: LiveSlot, mem: _Memory, tensors: Mapping[str, Weight], dtype: torch.dtype | None) -> None:
+        """Stream ``tensors`` into the slot, one at a time, each tied tensor once."""
+        live = slot.live_tensors()
+        ranges = mapped_ranges()
+        keep_packed = dtype is None and any(is_compressed(v) for v in tensors.values())
+        if keep_packed:
+            from te_switch.core import lowbit
+        written: set[int] = set()  # tied tensors are written once; each module sharing one is packed
+        writes = _Writes(ranges)
+        for key, value in tensors.items():
+            target = live[key]
+            owner = _owner(slot.module, key)
+            if owner is None:
+                raise RuntimeError(f"the module has no place for {key}")
+            kind = (slot.pack_kind or default_pack_kind)(owner) if keep_packed else None
+            if kind is not None and is_compressed(value) and key.endswith(".weight"):
+                if owner not in mem.packed:
+                    lowbit.attach(owner, value, kind=kind, offload="cpu")
+                    mem.packed.append(owner)
+                continue
+            if id(target) in written:
+                continue
+            written.add(id(target))
+            writes.add(owner, key, target, value, self._target_dtype(slot, mem, key, target, dtype))
+        writes.flush()
+
+    def _target_dtype(
+        self, slot: LiveSlot, mem: _Memory, key: str, tensor: torch.Tensor, dtype: torch.dtype | None
+    ) -> torch.dtype:
+        if not tensor.is_floating_point() or key in slot.derived:
+            return tensor.dtype
+        if dtype is not None:
+            return torch.float32 if dtype == torch.float16 and key in slot.keep_fp32 else dtype
+        original = mem.originals.get(key)
+        return original.dtype if original is not None else tensor.dtype
+
+    def _rollback(self, slot: LiveSlot) -> None:
+        """A commit failed half-way: back to Built-in, from the same sources a restore uses."""
+        mem = self._memory.get(slot.module)
+        if mem is None:
+            return
         try:
-            if mem.original:
-                self._put_back(slot, mem)
+            self._put_back(slot, mem)
         finally:
             self._memory.pop(slot.module, None)
 
     def _put_back(self, slot: LiveSlot, mem: _Memory) -> None:
-        self._unpack(mem)
-        if (
-            mem.original_positions is not None
-            and slot.resize is not None
-            and slot.positions() != mem.original_positions
-        ):
-            slot.resize(mem.original_positions)
-        live = slot.live_tensors()
-        with torch.no_grad():
-            for key, orig in mem.original.items():
+        origin = _OriginReader(mem, slot)
+        try:
+            origin.check_unchanged()
+            self._unpack(mem)
+            if (
+                mem.original_positions is not None
+                and slot.resize is not None
+                and slot.positions() != mem.original_positions
+            ):
+                slot.resize(mem.original_positions)
+            live = slot.live_tensors()
+            writes = _Writes(mapped_ranges())
+            for key, original in mem.originals.items():
                 tensor = live.get(key)
-                if tensor is not None and tensor.dtype != orig.dtype:
-                    tensor.data = tensor.data.to(orig.dtype)
-            slot.module.load_state_dict(mem.original, strict=False)
+                if tensor is None:
+                    continue
+                if original.view is not None:
+                    tensor.data = original.view
+                    continue
+                if original.rebuilt:
+                    continue
+                writes.add(_owner(slot.module, key), key, tensor, origin.value(key), original.dtype)
+            writes.flush()
+        finally:
+            origin.close()
+        live = _distinct(slot.live_tensors())
+        wrong = [k for k, o in mem.originals.items() if k in live and fingerprint(live[k]) != o.print]
+        if wrong:
+            raise TESwitchError(f"{slot.label}: Built-in could not be proven bit-identical ({wrong[0]} differs)")
 
     def restore(self, slot: LiveSlot) -> bool:
-        """Back to the checkpoint's own weights, bit for bit; frees the snapshot."""
+        """Back to the checkpoint's own weights, bit for bit, from the host's own file."""
         with self._lock:
             mem = self._memory.get(slot.module)
             if mem is None or mem.applied is None:
@@ -405,10 +596,136 @@ class SwapEngine:
             self.epoch += 1
             return True
 
-    def forget(self, module: torch.nn.Module) -> None:
-        """Drop what the engine knows about a module whose weights the host is about to replace."""
-        with self._lock:
-            self._memory.pop(module, None)
+
+class _OriginReader:
+    """The slot's own values, one tensor at a time: its mapped views, the host's file, or the copies."""
+
+    def __init__(self, mem: _Memory, slot: LiveSlot) -> None:
+        self.mem, self.slot = mem, slot
+        self._src = None
+        self._recipe: dict[str, Weight] | None = None
+
+    def _file(self) -> dict[str, Weight]:
+        if self._recipe is None:
+            origin = self.mem.origin
+            if origin is None:
+                raise TESwitchError(f"{self.slot.label}: no source for the built-in weights")
+            self._src = open_file(origin.path)
+            self._recipe = _recipe(self._src, origin, self.slot)
+        return self._recipe
+
+    def needs_file(self) -> bool:
+        return any(o.view is None and o.copy is None and not o.rebuilt for o in self.mem.originals.values())
+
+    def check_unchanged(self) -> None:
+        """Before anything changes: the host's file must still give every fingerprinted tensor (a few
+        sampled pages each), whatever its size and mtime say — or nothing is restored."""
+        mem = self.mem
+        if mem.origin is None or not self.needs_file():
+            return
+        name = os.path.basename(mem.origin.path)
+        try:
+            recipe = self._file()
+        except (OSError, TESwitchError) as e:
+            raise TESwitchError(
+                f"{self.slot.label}: {name} cannot be read ({one_line(e)}); Built-in cannot be restored from it"
+                " (reload the checkpoint)"
+            ) from None
+        for key, original in mem.originals.items():
+            if original.view is None and original.copy is None and not original.rebuilt:
+                value = recipe.get(key)
+                if value is None or fingerprint(_as_host(value, original.dtype, mem.origin)) != original.print:
+                    raise TESwitchError(
+                        f"{self.slot.label}: {name} changed on disk since it was loaded; Built-in cannot be restored"
+                        " from it (reload the checkpoint)"
+                    )
+
+    def value(self, key: str) -> Weight:
+        original = self.mem.originals[key]
+        if original.view is not None:
+            return original.view
+        if original.copy is not None:
+            return original.copy
+        return _as_host(self._file()[key], original.dtype, self.mem.origin)
+
+    def close(self) -> None:
+        if self._src is not None:
+            self._src.close()
+        self._src, self._recipe = None, None
+
+
+def _recipe(src: TensorSource, origin: BuiltinSource, slot: LiveSlot) -> dict[str, Weight]:
+    """The host's file mapped to the slot's names, values as stored (views of the file where possible)."""
+    if origin.stored_names:
+        p = origin.tower.prefix
+        values: dict[str, Weight] = {k[len(p) :]: src.load(k) for k in src.keys() if k.startswith(p)}  # noqa: SIM118
+    else:
+        values = load_tower(src, origin.tower, check=False, as_stored=True)
+    return (origin.to_host or slot.to_host)(values)
+
+
+def _as_host(value: Weight, dtype: torch.dtype, origin: BuiltinSource | None) -> torch.Tensor:
+    """A stored value converted as the host converted it: through ``cast_via``, then to ``dtype``."""
+    tensor = dense(value) if isinstance(value, PackedTensor) else value
+    if not tensor.is_floating_point() or not dtype.is_floating_point:
+        return tensor.to(dtype) if tensor.dtype != dtype else tensor
+    via = origin.cast_via if origin is not None else None
+    if via is not None and tensor.dtype != via and dtype != tensor.dtype:
+        tensor = tensor.to(via)
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _is_arange(t: torch.Tensor) -> bool:
+    flat = t.reshape(-1)
+    return not t.is_floating_point() and bool(torch.equal(flat.cpu(), torch.arange(flat.numel(), dtype=t.dtype)))
+
+
+class _Writes:
+    """Streams values into live tensors, one module at a time (a module's own tensors in one load).
+
+    In place through ``owner.load_state_dict`` (host hooks see one load per layer; ``copy_`` converts
+    without a temporary). A tensor that is a view of a mapped file, or whose shape changes, is pointed at
+    new values instead — the file's own view when it already is what the slot needs; one whose dtype
+    changes gets new storage first.
+    """
+
+    def __init__(self, ranges: list[tuple[int, int]]) -> None:
+        self.ranges = ranges
+        self.owner: torch.nn.Module | None = None
+        self.pending: dict[str, Weight] = {}
+
+    def add(
+        self, owner: torch.nn.Module | None, key: str, target: torch.Tensor, value: Weight, dtype: torch.dtype
+    ) -> None:
+        if owner is None:
+            raise RuntimeError(f"the module has no place for {key}")
+        if owner is not self.owner:
+            self.flush()
+            self.owner = owner
+        value = dense(value) if isinstance(value, PackedTensor) else value
+        with torch.no_grad():
+            if is_mapped(target, self.ranges) or tuple(target.shape) != tuple(value.shape):
+                new = value.to(device=target.device, dtype=dtype)
+                target.data = new if new.is_contiguous() else new.contiguous()
+                return
+            if target.dtype != dtype:
+                target.data = torch.empty(target.shape, dtype=dtype, device=target.device)
+        self.pending[key.rsplit(".", 1)[-1]] = value
+
+    def flush(self) -> None:
+        owner, pending = self.owner, self.pending
+        self.owner, self.pending = None, {}
+        if owner is not None and pending:
+            _write(owner, pending)
+
+
+def _write(owner: torch.nn.Module, values: Mapping[str, Weight]) -> None:
+    """One ``load_state_dict`` of ``owner``'s own tensors (the seam tests fail on purpose)."""
+    with torch.no_grad():
+        result = owner.load_state_dict(dict(values), strict=False)
+    missing = set(values) & set(result.missing_keys)
+    if result.unexpected_keys or missing:
+        raise RuntimeError(f"the module did not take {sorted(missing or set(result.unexpected_keys))[0]}")
 
 
 def default_pack_kind(module: torch.nn.Module) -> str | None:

@@ -72,9 +72,9 @@ from te_switch.core.longclip import chunk_length as longclip_chunk_length
 from te_switch.core.selection import SLOTS_BY_FAMILY, Selection, SlotChoice
 from te_switch.core.tensors import Weight, dense, is_compressed
 from te_switch.hosts import sdwebui
-from te_switch.hosts.base import HostAdapter, Resolver, tower_positions
-from te_switch.hosts.engine import LiveSlot, SlotRequest, SwapEngine, default_pack_kind
-from te_switch.hosts.modules import hf_clip_blocks, hf_clip_slot, t5_slot, text_transformer
+from te_switch.hosts.base import HostAdapter, Resolver, tower_in, tower_positions
+from te_switch.hosts.engine import BuiltinSource, LiveSlot, SlotRequest, SwapEngine, default_pack_kind
+from te_switch.hosts.slots import hf_clip_blocks, hf_clip_slot, t5_slot, text_transformer
 
 FAMILY_BY_CLASS = {
     "StableDiffusion": "sd1",
@@ -297,6 +297,24 @@ class ForgeAdapter(HostAdapter):
         for engine in self._clip_engines(model):
             engine.chunk_length = longclip_chunk_length(tower_positions(engine.text_encoder.transformer))
         sdwebui.clear_cond_caches()
+
+    def builtin_source(self, model: Any, name: str) -> BuiltinSource | None:
+        """Forge built the slot from the checkpoint, or from a file of its *VAE / Text Encoder* menu that
+        holds such a tower (``replace_state_dict``: the later file wins), cast to the slot's dtype (fp8
+        and fp16 Linear weights stay views of the file). A menu changed since the model was built is
+        caught by the engine's fingerprint (it then keeps a copy)."""
+        from modules import sd_models
+
+        params = getattr(sd_models.model_data, "forge_loading_parameters", None) or {}
+        info = getattr(model, "sd_checkpoint_info", None) or params.get("checkpoint_info")
+        files = [*reversed(params.get("additional_modules") or []), getattr(info, "filename", None)]
+        tower = next((t for path in files if (t := tower_in(path, name)) is not None), None)
+        if tower is None:
+            return None
+        to_host = None
+        if name == "t5xxl" and self._t5_origin.get(self._joint(model).t5xxl.transformer) == "scaled-fp8":
+            to_host = t5_slot(name, self._joint(model).t5xxl.transformer).to_host  # the file's own scales
+        return BuiltinSource(tower.path, tower, to_host=to_host)
 
     def on_model_loaded(self, sd_model: Any) -> list[str]:
         """``script_callbacks.on_model_loaded``: Forge built new encoder objects; make them match again.

@@ -119,7 +119,6 @@ def cache_dir() -> str:
 
 _lock = threading.RLock()
 _library: EncoderLibrary | None = None
-_checked: dict[tuple, str | None] = {}  # file identity -> None (fine) or the one-line reason it is not
 
 
 def get_library() -> EncoderLibrary:
@@ -142,7 +141,6 @@ def reset() -> None:
     global _library
     with _lock:
         _library = None
-        _checked.clear()
 
 
 def slot_kinds(slot: str) -> tuple[str, ...]:
@@ -292,33 +290,32 @@ def source_for(slot: str, label: str) -> EncoderSource:
 
 
 def check_values(choice: EncoderChoice) -> None:
-    """Read the whole tower once: every weight must convert and be finite (cached per file state).
+    """Read the whole tower once: every weight must convert and be finite.
 
-    The API calls this before a generation starts so a broken file is a 4xx, not a stopped run.
+    The API calls this before a generation starts so a broken file is a 4xx, not a stopped run. The
+    result is the swap engine's own (per file state): a file checked here is not read again for its
+    values when the generation swaps it in, and one the engine already loaded is not read here.
     """
-    from te_switch.core.convert import first_non_finite, load_tower
+    from te_switch.core.convert import load_tower
     from te_switch.core.readers import open_file
+    from te_switch.hosts.engine import checked_values, first_bad_value, remember_check
 
     path = choice.file.path
-    try:
-        identity = (os.path.realpath(path), *file_identity(path), choice.tower.prefix)
-    except OSError as e:
-        raise EncoderNotFound(f"{choice.label}: {one_line(e)}") from None
-    with _lock:
-        known = _checked.get(identity, ...)
-    if known is ...:
+    if not os.path.exists(path):
+        raise EncoderNotFound(f"{choice.label}: no such file")
+    known, reason = checked_values(path, choice.tower)
+    if not known:
         try:
             with open_file(path) as src:
-                bad = first_non_finite(load_tower(src, choice.tower))
-            known = f"{choice.label}: tensor {bad} holds NaN or Inf values" if bad else None
+                bad = first_bad_value(load_tower(src, choice.tower))
+            reason = f"tensor {bad} holds NaN or Inf values" if bad else None
+            remember_check(path, choice.tower, reason)
         except TESwitchError as e:
-            known = one_line(e)
+            reason = one_line(e)
         except (OSError, RuntimeError, ValueError, KeyError) as e:
-            known = f"{choice.label}: {one_line(e)}"
-        with _lock:
-            _checked[identity] = known
-    if known is not None:
-        raise EncoderLookupError(known)
+            reason = one_line(e)
+    if reason is not None:
+        raise EncoderLookupError(reason if reason.startswith(choice.label) else f"{choice.label}: {reason}")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""hosts.modules: live-slot builders for HF CLIP, T5 and OpenCLIP towers, and the position resizers.
+"""hosts.slots: live-slot builders for HF CLIP, T5 and OpenCLIP towers, and the position resizers.
 
 Runs under every transformers the hosts ship (5.x here; 4.30 and 4.46 in the host venvs): the key
 spelling of ``CLIPTextModel`` and the persistence of ``position_ids`` differ between them, and the
@@ -17,7 +17,7 @@ from te_switch.core.convert import canonical_to_openclip
 from te_switch.core.layouts import openclip_to_canonical
 from te_switch.core.longclip import causal_mask
 from te_switch.core.selection import KINDS_BY_SLOT
-from te_switch.hosts.modules import (
+from te_switch.hosts.slots import (
     hf_clip_blocks,
     hf_clip_slot,
     openclip_slot,

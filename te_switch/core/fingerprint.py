@@ -1,0 +1,87 @@
+"""Cheap facts about live tensors: a sampled fingerprint, and whether a tensor is a view of a mapped file.
+
+A fingerprint hashes a tensor's shape, dtype and a fixed sample of its bytes: all of them for small
+tensors, 32 evenly spaced windows of 256 bytes for the rest. It is computed where the tensor lives
+(on a GPU only the sample crosses to the CPU) and reads a few pages of a memory-mapped file, so it is
+cheap enough to take of every tensor of a slot before the first swap. What it proves: the same layout,
+dtype and rounding (a transposed, mis-split or re-rounded tensor differs in every window) and the same
+whole-tensor edits (a merged model, a baked-in LoRA); what it cannot see is an edit confined to bytes
+between the windows (one changed token row).
+
+``mapped_ranges`` reads ``/proc/self/maps`` (Linux): a CPU tensor whose storage lies in a file mapping is
+a view of that file (safetensors, transformers and Forge load weights that way). Such storage is never
+written into: copy-on-write would turn the page cache into anonymous memory, or, for a shared mapping,
+write to the file. Elsewhere nothing counts as mapped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+
+import torch
+
+WINDOWS = 32
+WINDOW_BYTES = 256
+WHOLE_BYTES = 1 << 16  # tensors up to this size are hashed whole
+
+
+def _flat_indices(idx: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Row-major element numbers -> one index tensor per dimension (``torch.unravel_index`` needs torch 2.2)."""
+    out = []
+    for size in reversed(t.shape):
+        out.append(idx % size)
+        idx = idx // size
+    return tuple(reversed(out))
+
+
+def sample(t: torch.Tensor) -> torch.Tensor:
+    """The sampled elements of ``t`` (contiguous, on ``t``'s device); any view or layout works."""
+    n = t.numel()
+    width = max(1, WINDOW_BYTES // max(1, t.element_size()))
+    if n * t.element_size() <= WHOLE_BYTES or n <= WINDOWS * width:
+        return t.reshape(-1).contiguous() if t.dim() else t.reshape(1)
+    starts = torch.linspace(0, n - width, WINDOWS, dtype=torch.float64).long()
+    idx = (starts[:, None] + torch.arange(width)).reshape(-1).to(t.device)
+    if t.is_contiguous():
+        return t.reshape(-1).index_select(0, idx)
+    return t[_flat_indices(idx, t)]
+
+
+def fingerprint(t: torch.Tensor) -> bytes:
+    """16 bytes that change with the shape, the dtype and the sampled bytes of ``t``."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((tuple(t.shape), str(t.dtype))).encode())
+    if t.numel():
+        with torch.no_grad():
+            data = sample(t.detach()).cpu().contiguous()
+        h.update(data.view(torch.uint8).numpy().tobytes() if data.dtype != torch.uint8 else data.numpy().tobytes())
+    return h.digest()
+
+
+def mapped_ranges() -> list[tuple[int, int]]:
+    """Sorted (start, end) address ranges of this process's file mappings (empty where unknown)."""
+    out = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].startswith("/"):
+                    lo, hi = parts[0].split("-")
+                    out.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    out.sort()
+    return out
+
+
+def is_mapped(t: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    """True when ``t``'s storage lies in one of ``ranges`` (a CPU view of a memory-mapped file)."""
+    if t.device.type != "cpu" or not ranges:
+        return False
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return False
+    i = bisect.bisect_right(ranges, (ptr, float("inf"))) - 1
+    return i >= 0 and ranges[i][0] <= ptr < ranges[i][1]
