@@ -156,6 +156,9 @@ class LdmForgeAdapter(A1111Adapter):
         except ImportError:
             return "a separate text encoder"
         option = getattr(sd_text_encoder, "current_text_encoder_option", None)
+        source = getattr(getattr(option, "te_info", None), "filename", None)
+        if source is not None and source == getattr(getattr(model, "sd_checkpoint_info", None), "filename", None):
+            return None  # "Automatic" finds the checkpoint itself in its own folder: its own encoders
         return str(getattr(option, "label", None) or "a separate text encoder")
 
     def _text_encoder_note(self, model: Any, te: str, selection: Selection) -> str:
