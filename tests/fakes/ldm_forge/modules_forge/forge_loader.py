@@ -84,14 +84,14 @@ def process_clip_state_dict(state_dict, replace_prefix):
     return sd
 
 
-def load_checkpoint_guess_config(sd, output_vae=True, output_clip=True, output_clipvision=False,
+def load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True, output_clipvision=False,
                                  embedding_directory=None, output_model=True, model_options={},  # noqa: B006
                                  te_model_options={}):  # noqa: B006  # fmt: skip
-    clip = None
+    clip = None  # ckpt: a state dict here (the real one also takes a path)
     if output_clip:
-        target, prefixes = _clip_target(sd)
+        target, prefixes = _clip_target(ckpt)
         clip = CLIP(target, embedding_directory=embedding_directory)
-        clip.load_sd(process_clip_state_dict(sd, prefixes), full_model=True)
+        clip.load_sd(process_clip_state_dict(ckpt, prefixes), full_model=True)
     return ForgeSD(None, clip, None, None)
 
 
