@@ -46,6 +46,7 @@ CACHE_LISTS = (
 
 class A1111Adapter(HostAdapter):
     name = "a1111"
+    patch_key = PATCH_KEY
 
     def __init__(self, engine: SwapEngine | None = None) -> None:
         super().__init__(engine)
@@ -219,7 +220,25 @@ class A1111Adapter(HostAdapter):
     def install(self) -> None:
         if self._patched:
             return
-        from modules import patches, processing, sd_hijack_clip, sd_hijack_open_clip, sd_models
+        from modules import patches
+
+        for obj, field, make in self._patch_targets():
+            if patches.original(self.patch_key, obj, field) is not None:
+                patches.undo(self.patch_key, obj, field)  # left by an earlier import of this module
+            patches.patch(self.patch_key, obj, field, make(getattr(obj, field)))
+            self._patched.append((obj, field))
+
+    def uninstall(self) -> None:
+        from modules import patches
+
+        for obj, field in reversed(self._patched):
+            if patches.original(self.patch_key, obj, field) is not None:
+                patches.undo(self.patch_key, obj, field)
+        self._patched.clear()
+
+    def _patch_targets(self) -> list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]]:
+        """(object, attribute, replacement maker) for every class-level patch."""
+        from modules import processing, sd_hijack_clip, sd_hijack_open_clip, sd_models
 
         targets: list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]] = [
             (sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords, "encode_with_transformers", self._hf_clip_patch("sd1")),
@@ -247,19 +266,7 @@ class A1111Adapter(HostAdapter):
             targets.append((sd3_cond.Sd3ClipLG, "encode_with_transformers", self._sd3_patch))
         except ImportError:
             pass  # before 1.10: no SD3
-        for obj, field, make in targets:
-            if patches.original(PATCH_KEY, obj, field) is not None:
-                patches.undo(PATCH_KEY, obj, field)  # left by an earlier import of this module
-            patches.patch(PATCH_KEY, obj, field, make(getattr(obj, field)))
-            self._patched.append((obj, field))
-
-    def uninstall(self) -> None:
-        from modules import patches
-
-        for obj, field in reversed(self._patched):
-            if patches.original(PATCH_KEY, obj, field) is not None:
-                patches.undo(PATCH_KEY, obj, field)
-        self._patched.clear()
+        return targets
 
     def _hf_clip_patch(self, family: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def make(original: Callable[..., Any]) -> Callable[..., Any]:

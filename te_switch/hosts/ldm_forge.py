@@ -83,7 +83,9 @@ def host_name() -> str:
 
 
 class LdmForgeAdapter(A1111Adapter):
-    """A1111's bookkeeping (cond caches, empty cond, chunk lengths, reload callbacks) over Forge's objects."""
+    """A1111's bookkeeping (cond caches, empty cond, chunk lengths, reload callbacks, patching) over Forge's objects."""
+
+    patch_key = PATCH_KEY
 
     def __init__(self, engine: SwapEngine | None = None) -> None:
         super().__init__(engine)
@@ -207,32 +209,17 @@ class LdmForgeAdapter(A1111Adapter):
 
     # -- patches --------------------------------------------------------------------------------
 
-    def install(self) -> None:
-        if self._patched:
-            return
-        from modules import patches, processing
+    def _patch_targets(self) -> list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]]:
+        from modules import processing
         from modules_forge import forge_clip
 
-        targets: list[tuple[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]]] = [
+        return [
             (forge_clip.CLIP_SD_15_L, "encode_with_transformers", self._encode_patch("clip_l", "sd1", move=True)),
             (forge_clip.CLIP_SD_21_H, "encode_with_transformers", self._encode_patch("clip_h", "sd2", move=True)),
             (forge_clip.CLIP_SD_XL_L, "encode_with_transformers", self._encode_patch("clip_l", "sdxl")),
             (forge_clip.CLIP_SD_XL_G, "encode_with_transformers", self._encode_patch("clip_g", None)),
             (processing.StableDiffusionProcessing, "cached_params", self._cached_params_patch),
         ]
-        for obj, field, make in targets:
-            if patches.original(PATCH_KEY, obj, field) is not None:
-                patches.undo(PATCH_KEY, obj, field)  # left by an earlier import of this module
-            patches.patch(PATCH_KEY, obj, field, make(getattr(obj, field)))
-            self._patched.append((obj, field))
-
-    def uninstall(self) -> None:
-        from modules import patches
-
-        for obj, field in reversed(self._patched):
-            if patches.original(PATCH_KEY, obj, field) is not None:
-                patches.undo(PATCH_KEY, obj, field)
-        self._patched.clear()
 
     def _encode_patch(
         self, tower: str, family: str | None, *, move: bool = False
