@@ -231,7 +231,7 @@ def test_no_supported_host(webui: dict[str, Path]) -> None:  # noqa: F811
     assert p.result.images == ["image-0"]
     p = generate([False, 2])
     assert shared.state.interrupted
-    assert "need A1111 1.10 or Forge 2" in next(iter(p.comments))
+    assert "need A1111 1.10, Forge 2, reForge or Forge Classic" in next(iter(p.comments))
 
 
 def test_per_checkpoint_memory(host: FakeHost, webui: dict[str, Path]) -> None:  # noqa: F811

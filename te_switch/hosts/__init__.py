@@ -1,10 +1,11 @@
 """Which host adapter serves the running WebUI, decided from what is live, never from versions.
 
-* A loaded model answers directly: a Forge 2 model carries ``forge_objects``; an A1111 model has
-  ``cond_stage_model`` / ``conditioner`` / ``text_encoders``.
+* A loaded model answers directly: a Forge 2 model carries ``forge_objects`` and no
+  ``cond_stage_model``; a reForge / Forge Classic model carries both (A1111's text wrappers over
+  Forge's objects); an A1111 model has ``cond_stage_model`` / ``conditioner`` / ``text_encoders``.
 * Before any model is loaded (Forge loads on the first generation), what can be imported
-  decides: ``modules_forge`` together with ``backend.diffusion_engine`` is Forge 2; a WebUI
-  with ``modules.sd_hijack`` and no Forge backend is A1111.
+  decides: ``modules_forge`` together with ``backend.diffusion_engine`` is Forge 2, together with
+  ``ldm_patched`` it is reForge / Forge Classic; a WebUI with ``modules.sd_hijack`` and neither is A1111.
 
 The adapter modules are imported lazily (the adetailer import-fallback style), so importing
 ``te_switch.hosts`` never needs a WebUI.
@@ -22,8 +23,13 @@ from typing import Any
 from te_switch.hosts.base import HostAdapter
 
 FORGE = "forge"
+LDM_FORGE = "ldm-forge"  # reForge, Forge Classic
 A1111 = "a1111"
-ADAPTER_MODULES = {FORGE: "te_switch.hosts.forge", A1111: "te_switch.hosts.a1111"}
+ADAPTER_MODULES = {
+    FORGE: "te_switch.hosts.forge",
+    LDM_FORGE: "te_switch.hosts.ldm_forge",
+    A1111: "te_switch.hosts.a1111",
+}
 
 _lock = threading.Lock()
 _adapter: HostAdapter | None = None
@@ -38,21 +44,23 @@ def importable(module: str) -> bool:
 
 
 def kind_of_model(model: Any) -> str | None:
-    """'forge' | 'a1111' from a live model object; None when it tells nothing (e.g. Forge's
-    FakeInitialModel before the first generation)."""
+    """'forge' | 'ldm-forge' | 'a1111' from a live model object; None when it tells nothing (e.g.
+    Forge's FakeInitialModel before the first generation)."""
     if model is None:
         return None
     if hasattr(model, "forge_objects"):
-        return FORGE
+        return LDM_FORGE if getattr(model, "cond_stage_model", None) is not None else FORGE
     if any(getattr(model, name, None) is not None for name in ("cond_stage_model", "conditioner", "text_encoders")):
         return A1111
     return None
 
 
 def kind_of_environment() -> str | None:
-    """'forge' | 'a1111' from what the running process can import; None outside a WebUI."""
+    """'forge' | 'ldm-forge' | 'a1111' from what the running process can import; None outside a WebUI."""
     if importable("modules_forge") and importable("backend.diffusion_engine"):
         return FORGE
+    if importable("modules_forge") and importable("ldm_patched"):
+        return LDM_FORGE
     if importable("modules.sd_hijack") and importable("modules.sd_models"):
         return A1111
     return None

@@ -8,6 +8,7 @@ that raised still ends our encode patches.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from te_switch.core.errors import one_line
@@ -83,14 +84,22 @@ def unload() -> None:
     unpatch_close()
 
 
+def _on(register: Any, callback: Any, name: str) -> None:
+    """``script_callbacks.on_*`` with a name where the WebUI takes one (A1111 1.8+); Forge Classic does not."""
+    if "name" in inspect.signature(register).parameters:
+        register(callback, name=name)
+    else:
+        register(callback)
+
+
 def register() -> None:
     from modules import script_callbacks
 
     options.register()
     install_host()
     patch_close()
-    script_callbacks.on_model_loaded(on_model_loaded, name="te_switch_model_loaded")
-    script_callbacks.on_infotext_pasted(infotext.on_infotext_pasted, name="te_switch_infotext_pasted")
-    script_callbacks.on_before_ui(xyz.add_axes, name="te_switch_xyz_axes")
-    script_callbacks.on_app_started(api.on_app_started, name="te_switch_routes")
-    script_callbacks.on_script_unloaded(unload, name="te_switch_unload")
+    _on(script_callbacks.on_model_loaded, on_model_loaded, "te_switch_model_loaded")
+    _on(script_callbacks.on_infotext_pasted, infotext.on_infotext_pasted, "te_switch_infotext_pasted")
+    _on(script_callbacks.on_before_ui, xyz.add_axes, "te_switch_xyz_axes")
+    _on(script_callbacks.on_app_started, api.on_app_started, "te_switch_routes")
+    _on(script_callbacks.on_script_unloaded, unload, "te_switch_unload")

@@ -152,7 +152,7 @@ def status_line() -> tuple[str, bool]:
 def describe(panel: Selection) -> str:
     host = adapter()
     if host is None:
-        return tr("CLIP Skip and encoder swaps need AUTOMATIC1111 1.10 or Forge 2")
+        return tr("CLIP Skip and encoder swaps need AUTOMATIC1111 1.10, Forge 2, reForge or Forge Classic")
     try:
         return tr_line(host.describe(effective_for_display(panel)))
     except Exception as e:

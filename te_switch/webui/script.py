@@ -130,7 +130,8 @@ def start(p: Any, args: tuple[Any, ...]) -> RunState:
     run.selection = sel
     if host is None:
         if not sel.is_auto:
-            fail(p, tr("this WebUI is not supported: CLIP Skip and encoder swaps need A1111 1.10 or Forge 2"))
+            hosts = "A1111 1.10, Forge 2, reForge or Forge Classic"
+            fail(p, tr("this WebUI is not supported: CLIP Skip and encoder swaps need {hosts}", hosts=hosts))
         return run
     _running[:] = [r for r in _running if r.job == run.job and not r.ended]  # a crashed job's runs are gone
     run.outer = _running[-1] if _running else None

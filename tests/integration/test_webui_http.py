@@ -137,31 +137,19 @@ def test_infotext_reproduces_the_image() -> None:
 
 
 def xyz_args(label: str, values: list[str]) -> list[Any]:
+    """X axis = ``label`` over ``values`` (dropdown mode); every other argument at the host's UI default
+    (the X/Y/Z script's arguments differ between A1111, Forge, reForge and Forge Classic)."""
     info = next(s for s in call("/sdapi/v1/script-info") if s["name"] == "x/y/z plot" and not s["is_img2img"])
     choices = info["args"][0]["choices"]
     assert label in choices, f"{label} not among the X/Y/Z axes"
-    # x_type, x_values, x_values_dropdown, y..., z..., draw_legend, include_lone_images, include_sub_grids,
-    # no_fixed_seeds, vary_seeds_x, vary_seeds_y, vary_seeds_z, margin_size, csv_mode
-    return [
-        choices.index(label),
-        "",
-        values,
-        0,
-        "",
-        [],
-        0,
-        "",
-        [],
-        True,
-        True,
-        False,
-        False,
-        False,
-        False,
-        False,
-        0,
-        False,
-    ]
+    args = [a.get("value") for a in info["args"]]
+    args[0], args[1], args[2] = choices.index(label), "", values  # x_type, x_values, x_values_dropdown
+    for i in (3, 6):  # y_type, z_type: Nothing
+        args[i], args[i + 2] = 0, []
+    for i, arg in enumerate(info["args"]):
+        if arg.get("label") in ("Include Sub Images", "Include lone images"):
+            args[i] = True  # the cells come back after the grid
+    return args
 
 
 def test_xyz_over_clip_skip(original: Result) -> None:
