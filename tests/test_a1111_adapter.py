@@ -26,7 +26,6 @@ from safetensors.torch import save_file
 from te_switch.core.errors import TESwitchError
 from te_switch.core.longclip import stretch_positions
 from te_switch.core.selection import Selection, SlotChoice
-from te_switch.hosts.engine import EncoderSource, SwapEngine
 from te_switch.hosts.slots import text_transformer
 from te_switch.standalone.tokenizers import write_clip_tokenizer
 

@@ -28,6 +28,7 @@ are the standalone wing's (``te_switch.standalone``).
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from te_switch.core.detect import TowerInfo
 from te_switch.core.errors import TESwitchError, one_line
 from te_switch.core.infotext import encoder_value
-from te_switch.core.library import SHORT_HASH_LEN, EncoderChoice, EncoderFile, EncoderLibrary, file_identity
+from te_switch.core.library import SHORT_HASH_LEN, EncoderChoice, EncoderFile, EncoderLibrary
 from te_switch.core.selection import KINDS_BY_SLOT, SLOT_LABELS
 from te_switch.hosts.engine import EncoderSource
 
