@@ -34,7 +34,7 @@ for stack in a1111 forge; do
   venv=".cache/stacks/$stack"
   [ -x "$venv/bin/python" ] || python -m venv "$venv"
   site_dir=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  echo "import site; [site.addsitedir(d) for d in $PARENT_SITES]" >"$site_dir/te_switch_parent_site.pth"
+  echo "import site; list(map(site.addsitedir, $PARENT_SITES))" >"$site_dir/te_switch_parent_site.pth"
   # shellcheck disable=SC2086
   "$venv/bin/python" -m pip install -q --disable-pip-version-check ${PINS[$stack]} 2>&1 | grep -v "dependency\|requires\|WARNING" || true
   "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps diffusers==0.31.0
