@@ -32,7 +32,7 @@ declare -A HOST_TESTS=(
   [reforge]="tests/test_ldm_forge_adapter.py tests/test_ldm_forge_fakes.py"
 )
 # reForge shares A1111's Gradio 3.41 stack: only what depends on its newer transformers runs again there
-declare -A STACK_ONLY=([reforge]="tests/test_hf_modules.py tests/test_clip_skip.py")
+declare -A STACK_ONLY=([reforge]="tests/test_slots.py tests/test_clip_skip.py")
 # `venv --system-site-packages` made from inside a venv would inherit the *base* interpreter's packages,
 # not this one's: a .pth in each stack venv adds this Python's site dirs instead (after the venv's own).
 PARENT_SITES=$(python -c 'import site, sysconfig; p = sysconfig.get_paths(); print(sorted({*site.getsitepackages(), p["purelib"], p["platlib"]}))')
