@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite from a fresh machine: install what the tests need, run them on this Python's
-# stack, then again on the two WebUI stacks in virtual environments that reuse this Python's torch:
+# stack, then again on the two WebUI stacks in virtual environments that reuse this Python's packages
+# (torch...) behind their own pins, whether this Python is a venv or not:
 #   a1111: Gradio 3.41.2, transformers 4.30.2, FastAPI 0.94, pydantic 1 (A1111 1.10 pins)
 #   forge: Gradio 4.40.0, transformers 4.46.1, FastAPI 0.104, pydantic 2 (Forge 2 pins)
 # TE_SWITCH_STACKS=0 skips the two stack runs. Extra arguments go to the first pytest run.
@@ -26,9 +27,14 @@ declare -A HOST_TESTS=(
   [a1111]="tests/test_a1111_adapter.py"
   [forge]="tests/test_forge_adapter.py tests/test_forge_fakes.py"
 )
+# `venv --system-site-packages` made from inside a venv would inherit the *base* interpreter's packages,
+# not this one's: a .pth in each stack venv adds this Python's site dirs instead (after the venv's own).
+PARENT_SITES=$(python -c 'import site, sysconfig; p = sysconfig.get_paths(); print(sorted({*site.getsitepackages(), p["purelib"], p["platlib"]}))')
 for stack in a1111 forge; do
   venv=".cache/stacks/$stack"
-  [ -x "$venv/bin/python" ] || python -m venv --system-site-packages "$venv"
+  [ -x "$venv/bin/python" ] || python -m venv "$venv"
+  site_dir=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo "import site; list(map(site.addsitedir, $PARENT_SITES))" >"$site_dir/te_switch_parent_site.pth"
   # shellcheck disable=SC2086
   "$venv/bin/python" -m pip install -q --disable-pip-version-check ${PINS[$stack]} 2>&1 | grep -v "dependency\|requires\|WARNING" || true
   "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps diffusers==0.31.0

@@ -1,7 +1,8 @@
 """The Forge fakes keep Forge's names: every function/method the adapter and its tests rely on has the
 same parameter names as in the real Forge source (read with ``ast``, never imported).
 
-Set ``TE_SWITCH_FORGE_SRC`` to a Forge 2.x checkout (default: /work/hosts/forge/webui); skipped without one.
+Set ``TE_SWITCH_FORGE_SRC`` to a Forge 2.x checkout to run them (skipped when unset; a path that is not a
+Forge 2.x checkout fails, since it was asked for).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 FAKES = Path(__file__).parent / "fakes" / "forge"
-REAL = Path(os.environ.get("TE_SWITCH_FORGE_SRC", "/work/hosts/forge/webui"))
+SRC = os.environ.get("TE_SWITCH_FORGE_SRC", "")
+REAL = Path(SRC)
 
 # file -> qualified names that must exist in both with the same parameters
 CHECKED: dict[str, list[str]] = {
@@ -175,9 +177,12 @@ def _class_attrs(cls: ast.AST) -> set[str]:
     return names
 
 
-@pytest.mark.skipif(not (REAL / "backend" / "diffusion_engine").is_dir(), reason=f"no Forge 2.x source at {REAL}")
+@pytest.mark.skipif(
+    not SRC, reason="set TE_SWITCH_FORGE_SRC to a Forge 2.x checkout to compare the fakes with its source"
+)
 @pytest.mark.parametrize("rel", sorted(CHECKED))
 def test_fake_signatures_match_forge(rel: str) -> None:
+    assert (REAL / "backend" / "diffusion_engine").is_dir(), f"TE_SWITCH_FORGE_SRC={SRC} is not a Forge 2.x checkout"
     fake, real = _defs(FAKES / rel), _defs(REAL / rel)
     for name in CHECKED[rel]:
         assert name in real, f"{rel}: Forge has no {name} (update the fake list)"
