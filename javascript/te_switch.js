@@ -124,6 +124,9 @@
             mirrorHint(tab);
         });
         watchGenerations();
+        document.querySelectorAll(".te-switch-refresh").forEach(function(button) {
+            button.title = "Rescan the encoder folders for new or removed files";
+        });
     });
 
     onOptionsChanged(function() {

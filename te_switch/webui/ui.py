@@ -28,6 +28,7 @@ from te_switch.webui.args import (
 from te_switch.webui.args import selection_from_args as selection_from_args  # re-exported: the panel's parser
 
 TITLE = "CLIP Skip & Text Encoders"
+REFRESH_LABEL = "Rescan"  # the encoder folders
 
 
 @dataclass
@@ -186,8 +187,9 @@ def build_panel(
                     elem_id=elem_id(slot),
                     elem_classes=["te-switch-encoder"],
                 )
+                # words, not an emoji: a font without emoji shows a box (te_switch.js adds the tooltip)
                 refresh_buttons[slot] = make_tool(
-                    value="\U0001f504", elem_id=elem_id(f"{slot}_refresh"), elem_classes=["te-switch-refresh"]
+                    value=REFRESH_LABEL, elem_id=elem_id(f"{slot}_refresh"), elem_classes=["te-switch-refresh"]
                 )
                 precisions[slot] = gr.Dropdown(
                     choices=list(PRECISION_CHOICES),
