@@ -78,6 +78,16 @@ def test_compare_arguments_answer_before_torch_loads(argv: list[str], needle: st
     assert needle in one_error(proc.stderr)
 
 
+def test_ui_port_is_checked_before_anything_loads() -> None:
+    proc = python(
+        "import sys\nfrom te_switch.standalone import cli\n"
+        "rc = cli.main(['ui', '--port', '70000'])\n"
+        f"print('RC', rc, 'HEAVY', [m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    assert "RC 1 HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+    assert "--port must be 0-65535" in one_error(proc.stderr)
+
+
 @pytest.mark.parametrize("command", ["compare", "ui"])
 def test_a_missing_optional_dependency_says_what_to_install(
     command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

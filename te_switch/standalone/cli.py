@@ -195,6 +195,8 @@ def _standalone(command: str, args: argparse.Namespace) -> int:
             from te_switch.standalone import compare
 
             compare.check_arguments(args)  # before the model: a typo answers at once
+        elif not 0 <= args.port <= 65535:
+            raise ValueError(f"--port must be 0-65535, not {args.port}")
         from te_switch.standalone.pipeline import check_model
 
         check_model(args.model, args.config)
