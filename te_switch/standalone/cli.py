@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. Auto, 2, 3 on SD1); a value that uses the same layers as an earlier one is shown, not rendered again",
     )
     p.add_argument("--seeds", default="1", help="comma-separated seeds (default: 1)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: 20; 10 on the demo)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: 20; 6 on the demo)")
     p.add_argument("--size", type=int, help="image side in pixels, a multiple of 8 (default: the model's)")
     p.add_argument("--guidance", type=float, help="CFG scale (default: 7; Flux 3.5)")
     p.add_argument("--out", default="te_switch_compare.png", help="the grid PNG to write")
