@@ -206,6 +206,9 @@
         watchGenerations();
         watchPrompts();
         placeBarSlider();
+        document.querySelectorAll(".te-switch-refresh").forEach(function(button) {
+            button.title = "Rescan the encoder folders for new or removed files";
+        });
     });
 
     onOptionsChanged(function() {

@@ -13,7 +13,7 @@ pip_q() { python -m pip install -q --disable-pip-version-check "$@"; }
 # torch first, or a dependency pulls the newest CUDA build (gigabytes)
 python -c "import torch" 2>/dev/null || pip_q torch==2.13.0
 pip_q -e ".[standalone,test]"
-pip_q --no-deps open_clip_torch==3.3.0  # only for CLIP's BPE vocabulary (its torchvision is not needed)
+python -m te_switch.standalone.tokenizers >/dev/null  # CLIP's BPE vocabulary (the package is pinned there)
 
 python -m pytest -q "$@"
 

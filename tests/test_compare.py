@@ -180,3 +180,61 @@ def test_infotext_keys_match_the_webui_side() -> None:
     entries = webui_infotext.entries(selection)
     ours = parse_infotext(format_infotext({"Prompt": "p", "Steps": 1, "Seed": 1, **entries}))
     assert selection_from_params(ours) == selection
+
+
+# ---------------------------------------------------------------------------------------------
+# distinct columns, and the page's PNG
+
+
+def test_default_columns_are_distinct_settings(cache: str) -> None:
+    from te_switch.standalone.compare import DEFAULT_CLIP_SKIPS, distinct_clip_skips
+    from te_switch.standalone.model import open_model
+
+    model = open_model()
+    # SD1: Auto is layer 12/12 with the final norm, exactly what 1 is: 1 is dropped, not 2 or 3
+    assert distinct_clip_skips(model.adapter, DEFAULT_CLIP_SKIPS) == [None, 2, 3]
+
+
+def test_a_column_identical_by_construction_is_labelled_not_rendered(cache: str, tmp_path: Path) -> None:
+    out = tmp_path / "g.png"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        code = cli.main([
+            "compare", "--prompt", "x", "--encoders", "Built-in", "--clip-skip", "auto,1,2", "--seeds", "4,5",
+            "--steps", "2", "--size", "64", "--out", str(out),
+        ])  # fmt: skip
+    assert code == 0
+    doc = read_grid(str(out))
+    assert "same layers, not rendered again" in doc["columns"][1]
+    assert "= Clip skip Auto" in doc["columns"][4]  # seed 5's "1" column repeats seed 5's Auto, not seed 4's
+    assert [c["same_as_col"] for c in doc["cells"]] == [None, 0, None, None, 3, None]
+    pixels = cell_pixels(out, doc)
+    assert np.array_equal(pixels[(0, 1)], pixels[(0, 0)])
+    assert np.array_equal(pixels[(0, 4)], pixels[(0, 3)])
+    assert not np.array_equal(pixels[(0, 2)], pixels[(0, 0)])
+    assert "4 images rendered (the rest identical)" in stdout.getvalue()
+
+
+def test_the_page_serves_the_png_compare_writes(cache: str, tmp_path: Path) -> None:
+    """Same settings, same bytes: the page's file is lossless, carries its infotext, and is what compare writes."""
+    from te_switch.standalone.model import open_model
+    from te_switch.standalone.page import LocalBackend
+    from te_switch.webui.args import args_from_selection
+
+    out = tmp_path / "one.png"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        code = cli.main([
+            "compare", "--prompt", PROMPT, "--negative", NEGATIVE, "--encoders", "clip-l-alt.safetensors",
+            "--clip-skip", "2", "--seeds", "9", "--steps", "2", "--size", "64", "--guidance", "7", "--out", str(out),
+        ])  # fmt: skip
+    assert code == 0
+    local = LocalBackend(open_model(), outputs=str(tmp_path / "page"))
+    selection = Selection(clip_skip=2, slots={"clip_l": SlotChoice("clip-l-alt.safetensors")})
+    served, text, status = local.generate(PROMPT, NEGATIVE, 9, 2, 64, 7.0, *args_from_selection(selection))
+    assert not status.startswith("error"), status
+    assert served.endswith(".png")
+    assert Path(served).read_bytes() == out.read_bytes()
+    with Image.open(served) as image:
+        assert image.format == "PNG"
+        assert image.text["parameters"] == text  # type: ignore[attr-defined]
+    assert parse_infotext(text)["Clip skip"] == 2

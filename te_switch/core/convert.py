@@ -256,7 +256,8 @@ def save_canonical(
         save_file(tensors, tmp, metadata=dict(metadata or {}))
         os.replace(tmp, path)
     except Exception as e:  # safetensors reports I/O problems as its own error type
-        raise TESwitchError(f"{path}: cannot write ({' '.join(str(e).split())})") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+        raise TESwitchError(f"{path}: cannot write ({reason.replace(tmp, path)})") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

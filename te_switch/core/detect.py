@@ -188,6 +188,10 @@ def _not_an_encoder_reason(keys: list[str]) -> str | None:
         keys and set(keys) <= {"clip_l", "clip_g", "emb_params", "string_to_token", "string_to_param.*"}
     ):
         return "a textual-inversion embedding"
+    # a VAE first, by its own keys (a diffusers VAE's `encoder.down_blocks.` would look like a UNet's)
+    vae_prefixes = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+    if joined and all(k.startswith(vae_prefixes) for k in joined):
+        return "a VAE"
     unet_marks = ("model.diffusion_model.", "input_blocks.", "down_blocks.", "double_blocks.", "joint_blocks.")
     if any(m in k for k in joined for m in unet_marks):
         return "a diffusion model (UNet/DiT) without a text encoder"

@@ -12,6 +12,7 @@ import mmap
 import os
 import pickle
 import struct
+import warnings
 import zipfile
 from collections.abc import Iterator
 from typing import Any
@@ -138,12 +139,15 @@ class PickleSource(TensorSource):
     def __init__(self, path: str, *, is_zip: bool) -> None:
         super().__init__(path)
         try:
-            if path.endswith(".safetensors"):
-                # torch.load sends *.safetensors paths to safetensors by name; a file object keeps it a pickle
-                with open(path, "rb") as f:
-                    obj = torch.load(f, map_location="cpu", weights_only=True)
-            else:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+            with warnings.catch_warnings():
+                # torch warns about legacy (non-zip) pickles; the file is read weights_only either way
+                warnings.simplefilter("ignore", UserWarning)
+                if path.endswith(".safetensors"):
+                    # torch.load sends *.safetensors paths to safetensors by name; a file object keeps it a pickle
+                    with open(path, "rb") as f:
+                        obj = torch.load(f, map_location="cpu", weights_only=True)
+                else:
+                    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
         except pickle.UnpicklingError as e:
             if "weights_only" in str(e) or "Weights only" in str(e):
                 raise self.fail(

@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from te_switch.core.tensors import PRECISIONS
-
 FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "flux")
 FAMILY_LABELS = {
     "sd1": "SD1",
@@ -52,6 +50,8 @@ class SlotChoice:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
+        from te_switch.core.tensors import PRECISIONS  # here: torch is not needed to parse arguments
+
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.encoder in ("", BUILT_IN):

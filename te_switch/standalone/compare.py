@@ -15,32 +15,72 @@ import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from te_switch.core.errors import TESwitchError
 from te_switch.core.selection import BUILT_IN, KINDS_BY_SLOT, SLOT_LABELS, Selection, SlotChoice, parse_clip_skip
-from te_switch.hosts.diffusers import DiffusersAdapter
-from te_switch.standalone.demo import DEMO_STEPS
-from te_switch.standalone.generate import GenerationResult, generate
-from te_switch.standalone.model import Model, open_model
+
+if TYPE_CHECKING:  # torch and diffusers load only once the arguments are known to be good
+    from te_switch.hosts.diffusers import DiffusersAdapter
+    from te_switch.standalone.generate import GenerationResult
+    from te_switch.standalone.model import Model
 
 GRID_KEY = "te_switch.grid"
 GRID_VERSION = 1
 LABEL_WIDTH = 260
 HEADER_HEIGHT = 46
 PAD = 4
+# the clip skips compare shows when none are given; the one Auto already is is dropped (1 on SD1, 2 on SDXL)
+DEFAULT_CLIP_SKIPS: tuple[int | None, ...] = (None, 1, 2, 3)
 
 
 # ---------------------------------------------------------------------------------------------
 # parsing the axes
 
 
-def parse_clip_skips(text: str) -> list[int | None]:
-    """'auto,1,2' -> [None, 1, 2]; one-line ValueError on anything else."""
+def parse_clip_skips(text: str | None) -> list[int | None] | None:
+    """'auto,1,2' -> [None, 1, 2]; None -> None (the default columns); one-line ValueError on anything else."""
+    if text is None:
+        return None
     values = [v.strip() for v in text.split(",") if v.strip()]
     if not values:
         raise ValueError("--clip-skip needs at least one value (Auto or 1-12)")
     return [parse_clip_skip(v) for v in values]
+
+
+def check_arguments(args: Any) -> None:
+    """Every value ``compare`` takes that can be checked without the model (one-line ValueError)."""
+    parse_clip_skips(args.clip_skip)
+    parse_seeds(args.seeds)
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be 1 or more, not {args.steps}")
+    if args.size is not None and (args.size < 64 or args.size % 8):
+        raise ValueError(f"--size must be a multiple of 8, at least 64, not {args.size}")
+    if args.guidance is not None and not args.guidance >= 0:
+        raise ValueError(f"--guidance must be 0 or more, not {args.guidance}")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out}: is a folder; give the PNG's file name")
+    if not os.path.isdir(folder) and os.path.exists(folder):
+        raise ValueError(f"--out {args.out}: {folder} is not a folder")
+
+
+def distinct_clip_skips(adapter: DiffusersAdapter, candidates: Sequence[int | None]) -> list[int | None]:
+    """``candidates`` without those that use the same layers as an earlier one (the default columns)."""
+    kept: list[int | None] = []
+    for n in candidates:
+        if _same_as(adapter, n, kept) is None:
+            kept.append(n)
+    return kept
+
+
+def _same_as(adapter: DiffusersAdapter, clip_skip: int | None, earlier: Sequence[int | None]) -> int | None:
+    """The index in ``earlier`` of a clip skip with the very same plan (layer and final norm per tower), else None."""
+    plans = adapter.plans(Selection(clip_skip=clip_skip))
+    for i, other in enumerate(earlier):
+        if adapter.plans(Selection(clip_skip=other)) == plans:
+            return i
+    return None
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -97,6 +137,7 @@ class Cell:
     clip_skip: int | None
     seed: int
     result: GenerationResult
+    same_as: int | None = None  # the column whose image this cell shows (identical by construction)
 
 
 @dataclass
@@ -111,11 +152,20 @@ class Grid:
     seconds: float = 0.0
 
 
-def column_label(adapter: DiffusersAdapter, clip_skip: int | None, seed: int, seeds: int) -> str:
+def _skip_name(clip_skip: int | None) -> str:
+    return "Auto" if clip_skip is None else str(clip_skip)
+
+
+def column_label(
+    adapter: DiffusersAdapter, clip_skip: int | None, seed: int, seeds: int, same_as: str | None = None
+) -> str:
+    """The column's head: its clip skip (and seed), then the layers it uses, or the column it repeats."""
     layers = adapter.describe(Selection(clip_skip=clip_skip))
-    head = "Clip skip Auto" if clip_skip is None else f"Clip skip {clip_skip}"
+    head = f"Clip skip {_skip_name(clip_skip)}"
     # the effective layers without the family name: "CLIP-L layer 11/12"
     detail = " · ".join(layers.split(" · ")[1:]) if " · " in layers else layers
+    if same_as is not None:
+        detail = f"= Clip skip {same_as}: same layers, not rendered again"
     return f"{head}{f' · seed {seed}' if seeds > 1 else ''}\n{detail}"
 
 
@@ -132,24 +182,40 @@ def run(
     guidance: float | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> Grid:
-    """Generate every cell; encoders are the outer loop so each file is swapped in once."""
+    """Generate every cell; encoders are the outer loop so each file is swapped in once.
+
+    A clip skip with the same plan as an earlier column (e.g. 1 beside Auto on SD1) is not rendered
+    again: its cells show the earlier column's image, and its label says so.
+    """
+    from te_switch.standalone.generate import generate
+
     adapter = model.adapter
     plan = selections(adapter, encoders, clip_skips)
-    columns = [column_label(adapter, n, s, len(seeds)) for s in seeds for n in clip_skips]
+    same = [_same_as(adapter, n, clip_skips[:i]) for i, n in enumerate(clip_skips)]
+    twins = [None if j is None else _skip_name(clip_skips[j]) for j in same]
+    columns = [column_label(adapter, n, s, len(seeds), twins[i]) for s in seeds for i, n in enumerate(clip_skips)]
     grid = Grid(prompt, negative, model.name, model.note, [_row_label(adapter, e) for e in encoders], columns)
-    total = len(encoders) * len(columns)
+    rendered = sum(j is None for j in same)
+    total = len(encoders) * len(seeds) * rendered
     started = time.perf_counter()
     done = 0
     for r, (name, row) in enumerate(zip(encoders, plan, strict=True)):
         for s_index, seed in enumerate(seeds):
+            results: list[GenerationResult] = []
             for n_index, (clip_skip, selection) in enumerate(zip(clip_skips, row, strict=True)):
                 col = s_index * len(clip_skips) + n_index
+                if same[n_index] is not None:
+                    results.append(results[same[n_index]])  # identical by construction: shown, not rendered
+                    twin_col = s_index * len(clip_skips) + same[n_index]
+                    grid.cells.append(Cell(r, col, name, clip_skip, seed, results[-1], same_as=twin_col))
+                    continue
                 if progress:
                     progress(done, total, f"{name} · {columns[col].splitlines()[0]}")
                 result = generate(
                     adapter, selection, prompt, negative, seed=seed, steps=steps, size=size, guidance=guidance,
                     model_name=model.name,
                 )  # fmt: skip
+                results.append(result)
                 grid.cells.append(Cell(r, col, name, clip_skip, seed, result))
                 done += 1
     adapter.apply(Selection())  # leave the pipeline as it came
@@ -251,6 +317,7 @@ def grid_document(grid: Grid, image: Any) -> dict[str, Any]:
                 "col": c.col,
                 "box": [*_origin(c, title_h, cell_w, cell_h), cell_w, cell_h],
                 "infotext": c.result.infotext,
+                "same_as_col": c.same_as,
                 "timings": {k: round(v, 4) for k, v in c.result.timings.items()},
                 "warnings": c.result.warnings,
             }
@@ -260,18 +327,19 @@ def grid_document(grid: Grid, image: Any) -> dict[str, Any]:
 
 
 def save(grid: Grid, path: str) -> Any:
-    """Render and write the PNG with its text chunks; returns the image."""
-    from PIL.PngImagePlugin import PngInfo
+    """Render and write the PNG with its text chunks; returns the image.
 
+    A grid of one cell is that image itself, written as the local page serves it (same bytes).
+    """
+    from te_switch.standalone.generate import save_png, save_result
+
+    if len(grid.cells) == 1:
+        save_result(grid.cells[0].result, path)
+        return grid.cells[0].result.image
     image = render(grid)
-    info = PngInfo()
-    info.add_itxt("parameters", grid.cells[0].result.infotext)
-    info.add_itxt(GRID_KEY, json.dumps(grid_document(grid, image), ensure_ascii=False))
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    image.save(tmp, pnginfo=info)
-    os.replace(tmp, path)
+    text = {"parameters": grid.cells[0].result.infotext}
+    text[GRID_KEY] = json.dumps(grid_document(grid, image), ensure_ascii=False)
+    save_png(image, path, text)
     return image
 
 
@@ -284,7 +352,11 @@ def timing_table(grid: Grid) -> str:
     lines = [head]
     for c in grid.cells:
         t = c.result.timings
-        n = "Auto" if c.clip_skip is None else str(c.clip_skip)
+        n = _skip_name(c.clip_skip)
+        if c.same_as is not None:
+            lines.append(f"r{c.row + 1}c{c.col + 1:<3} {os.path.basename(c.encoder)[:34]:<34} {n:<9} {c.seed:>6} "
+                         f"= r{c.row + 1}c{c.same_as + 1} (same layers, not rendered again)")  # fmt: skip
+            continue
         lines.append(
             f"r{c.row + 1}c{c.col + 1:<3} {os.path.basename(c.encoder)[:34]:<34} {n:<9} {c.seed:>6} "
             f"{t['swap']:>7.3f}s {t['encode']:>7.3f}s {t['generate']:>8.2f}s"
@@ -312,10 +384,16 @@ def _progress_bar() -> Callable[[int, int, str], None]:
 
 def main(args: Any) -> int:
     """The ``compare`` subcommand (``args`` from the CLI parser)."""
-    model = open_model(args.model, args.config, args.encoders_dir or [])
+    from te_switch.standalone.demo import DEMO_STEPS
+    from te_switch.standalone.model import open_model
+
+    check_arguments(args)
     clip_skips = parse_clip_skips(args.clip_skip)
     seeds = parse_seeds(args.seeds)
+    model = open_model(args.model, args.config, args.encoders_dir or [])
     encoders = parse_encoders(args.encoders, model)
+    if clip_skips is None:
+        clip_skips = distinct_clip_skips(model.adapter, DEFAULT_CLIP_SKIPS)
     steps = args.steps or (DEMO_STEPS if model.is_demo else 20)
     if model.is_demo:
         print(f"note: {model.note}", file=sys.stderr)
@@ -336,8 +414,10 @@ def main(args: Any) -> int:
     for cell in grid.cells:
         for warning in cell.result.warnings:
             print(f"warning: r{cell.row + 1}c{cell.col + 1}: {warning}", file=sys.stderr)
+    rendered = sum(c.same_as is None for c in grid.cells)
+    shown = f"{rendered} images" if rendered == len(grid.cells) else f"{rendered} images rendered (the rest identical)"
     print(
-        f"{args.out}: {len(grid.rows)} encoders x {len(grid.columns)} columns = {len(grid.cells)} images "
-        f"in {grid.seconds:.1f} s"
+        f"{args.out}: {len(grid.rows)} encoders x {len(grid.columns)} columns = {len(grid.cells)} cells, "
+        f"{shown} in {grid.seconds:.1f} s"
     )
     return 0

@@ -27,6 +27,25 @@ class GenerationResult:
     warnings: list[str] = field(default_factory=list)
 
 
+def save_png(image: Any, path: str, text: dict[str, str]) -> str:
+    """Write ``image`` as a lossless PNG with ``text`` chunks (``parameters``: the infotext), atomically."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_itxt(key, value)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    image.save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, path)
+    return path
+
+
+def save_result(result: GenerationResult, path: str) -> str:
+    """One generated image as a WebUI saves it: the PNG with its infotext under ``parameters``."""
+    return save_png(result.image, path, {"parameters": result.infotext})
+
+
 def generate(
     adapter: DiffusersAdapter,
     selection: Selection,

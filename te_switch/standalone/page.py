@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import os
 import sys
+import tempfile
 import threading
 from typing import Any
 
@@ -20,7 +21,7 @@ from te_switch.core.errors import TESwitchError, one_line
 from te_switch.core.longclip import chunk_length
 from te_switch.core.selection import KINDS_BY_SLOT, Selection
 from te_switch.standalone.demo import DEMO_STEPS
-from te_switch.standalone.generate import default_size, generate
+from te_switch.standalone.generate import default_size, generate, save_result
 from te_switch.standalone.model import Model, open_model
 from te_switch.standalone.table import HEAD, tower_row
 from te_switch.webui.args import ArgsError, selection_from_args
@@ -28,8 +29,20 @@ from te_switch.webui.library import describe_tower
 from te_switch.webui.ui import PanelBackend, build_panel
 
 ELEM_PREFIX = "te_switch_"
-# the WebUIs style the panel's tool button small; a bare Gradio page needs telling
-CSS = ".te-switch-refresh { max-width: 3.5em !important; min-width: 3.5em !important; } .te-switch-over { color: #c0392b; }"
+STYLE_CSS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "style.css")
+
+
+def page_css() -> str:
+    """The panel's stylesheet the WebUIs load (style.css), plus what only this page needs."""
+    try:
+        with open(STYLE_CSS, encoding="utf-8") as f:
+            shared = f.read()
+    except OSError:  # an install without the repository's style.css: the panel still works, plainer
+        shared = ""
+    return shared + "\n.te-switch-over { color: #c0392b; }\n"
+
+
+CSS = page_css()
 # the library table without the vocabulary column
 INSPECT_COLUMNS = [i for i, name in enumerate(HEAD) if name != "vocab"]
 INSPECT_HEAD = [HEAD[i] for i in INSPECT_COLUMNS]
@@ -42,11 +55,14 @@ def elem_id(item: str) -> str:
 class LocalBackend:
     """The panel's view of the local model: the adapter for layers and slots, the library for files."""
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, outputs: str | None = None) -> None:
         self.model = model
         self.adapter = model.adapter
         self.error = ""
         self.lock = threading.Lock()  # one generation at a time: the pipeline is shared
+        # the page serves the PNG file itself: lossless, infotext inside (what `compare` writes for one cell)
+        self.outputs = outputs or tempfile.mkdtemp(prefix="te_switch_page-")
+        self.count = 0
 
     def family(self) -> str | None:
         return self.adapter.family(self.adapter.pipe)
@@ -127,7 +143,9 @@ class LocalBackend:
                     self.adapter, selection, prompt or "", negative or "", seed=int(seed), steps=int(steps),
                     size=int(size), guidance=float(guidance), model_name=self.model.name,
                 )  # fmt: skip
-        except (TESwitchError, ArgsError, ValueError) as e:
+                self.count += 1
+                path = save_result(result, os.path.join(self.outputs, f"{self.count:05d}-{int(seed)}.png"))
+        except (TESwitchError, ArgsError, ValueError, OSError) as e:
             self.error = one_line(e)
             return None, "", f"error: {self.error}"
         self.error = ""
@@ -135,7 +153,7 @@ class LocalBackend:
         line = f"swap {t['swap']:.3f} s · encode {t['encode']:.3f} s · generate {t['generate']:.2f} s"
         if result.warnings:
             line += " · " + "; ".join(result.warnings)
-        return result.image, result.infotext, line
+        return path, result.infotext, line
 
     def inspect_rows(self) -> list[list[str]]:
         library = self.model.library
@@ -150,11 +168,12 @@ class LocalBackend:
         return rows
 
 
-def build_page(model: Model, gr: Any = None) -> Any:
-    """The page as a ``gr.Blocks`` (not launched)."""
+def build_page(model: Model, gr: Any = None, outputs: str | None = None) -> Any:
+    """The page as a ``gr.Blocks`` (not launched); generated PNGs go to ``outputs`` (default: a temporary folder)."""
     if gr is None:
         import gradio as gr
-    local = LocalBackend(model)
+    local = LocalBackend(model, outputs)
+    page_outputs = local.outputs
     adapter = model.adapter
     family = adapter.family(adapter.pipe) or "unknown"
     side = _default_size(adapter)
@@ -179,7 +198,7 @@ def build_page(model: Model, gr: Any = None) -> Any:
                 panel.accordion.open = True  # in a WebUI it folds away; here it is the point of the page
                 generate = gr.Button("Generate", variant="primary", elem_id=elem_id("generate"))
             with gr.Column(scale=2):
-                image = gr.Image(label="Image", type="pil", interactive=False, elem_id=elem_id("image"))
+                image = gr.Image(label="Image", interactive=False, elem_id=elem_id("image"), **_png_format(gr))
                 infotext = gr.Textbox(label="Infotext", lines=4, interactive=False, elem_id=elem_id("infotext"))
                 timing = gr.Markdown(elem_id=elem_id("timing"))
         with gr.Accordion("Encoder library (inspect)", open=False, elem_id=elem_id("library")):
@@ -199,7 +218,15 @@ def build_page(model: Model, gr: Any = None) -> Any:
             outputs=[image, infotext, timing],
         )
         rescan.click(fn=lambda: (local.refresh(), local.inspect_rows())[1], inputs=[], outputs=[table])
+    page.te_switch_outputs = page_outputs  # type: ignore[attr-defined]  # launch() must allow serving it
     return page
+
+
+def _png_format(gr: Any) -> dict[str, str]:
+    """The file is served as written (a PNG path is never re-encoded); ``format`` covers arrays too."""
+    import inspect
+
+    return {"format": "png", "type": "filepath"} if "format" in inspect.signature(gr.Image.__init__).parameters else {}
 
 
 def _blocks_css(gr: Any) -> dict[str, str]:
@@ -238,7 +265,13 @@ def main(args: Any) -> int:
     if model.is_demo:
         print(f"note: {model.note}", file=sys.stderr, flush=True)
     page.queue().launch(
-        server_name=args.host, server_port=port, show_error=True, inbrowser=False, quiet=True, **_launch_css(gr)
+        server_name=args.host,
+        server_port=port,
+        show_error=True,
+        inbrowser=False,
+        quiet=True,
+        allowed_paths=[page.te_switch_outputs],
+        **_launch_css(gr),
     )
     return 0
 

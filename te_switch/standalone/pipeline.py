@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from te_switch.core.detect import inspect_path
+from te_switch.core.detect import TOWER_PREFIXES, inspect_path
 from te_switch.core.errors import TESwitchError, one_line
 from te_switch.standalone.cache import cache_root
 from te_switch.standalone.tokenizers import write_clip_tokenizer
@@ -69,26 +69,19 @@ def load_pipeline(
     tokenizers. Every failure is one :class:`TESwitchError` line saying what to provide.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    check_model(path, config)
     import diffusers
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
-    if not os.path.exists(path):
-        raise TESwitchError(f"{path}: no such file or folder")
     if os.path.isdir(path):
-        _check_model_folder(path, what=path)
         try:
             with _quiet_loading():
                 pipe = diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
             raise TESwitchError(f"{path}: cannot load this diffusers folder ({one_line(e)})") from e
     else:
-        if not config and single_file_architecture(path) == "sd15":
-            config = builtin_config("sd15")
-        if not config:
-            raise TESwitchError(
-                f"{os.path.basename(path)}: a single-file checkpoint other than SD1.x needs {SINGLE_FILE_HELP}"
-            )
+        config = config or builtin_config("sd15")  # check_model let only an SD1.x file come without one
         class_name = _check_model_folder(config, what=f"--config {config}")
         pipeline_class = getattr(diffusers, class_name, None)
         if pipeline_class is None or not hasattr(pipeline_class, "from_single_file"):
@@ -102,6 +95,39 @@ def load_pipeline(
                 f"is the config folder the same architecture as the checkpoint?"
             ) from e
     return pipe.to(device)
+
+
+def check_model(path: str | None, config: str | None = None) -> None:
+    """What is wrong with ``--model``, as one :class:`TESwitchError` line, before diffusers is imported.
+
+    A file is read by its header only (:func:`core.detect.inspect_path`, as ``inspect`` does), so a text
+    file, a hostile pickle, a UNet, a LoRA or a bare encoder is named for what it is.
+    """
+    if path is None:
+        return  # the demo
+    if not os.path.exists(path):
+        raise TESwitchError(f"--model {path}: no such file or folder")
+    if os.path.isdir(path):
+        _check_model_folder(path, what=f"--model {path}")
+        return
+    towers = inspect_path(path)
+    usage = "--model takes a diffusers model folder or a whole single-file checkpoint"
+    errors = [t.error for t in towers if t.error]
+    if errors:
+        raise TESwitchError(f"--model {path}: not a checkpoint ({errors[0]}); {usage}")
+    if not any(t.usable for t in towers):
+        what = towers[0].note or "no text encoder inside"
+        raise TESwitchError(f"--model {path}: {what}, not a whole checkpoint; {usage}")
+    if all(t.prefix not in TOWER_PREFIXES for t in towers):
+        kinds = ", ".join(sorted({str(t.kind) for t in towers}))
+        raise TESwitchError(
+            f"--model {path}: a text-encoder file ({kinds}), not a whole checkpoint; "
+            "put it in a folder and pass --encoders-dir DIR (compare: --encoders NAME)"
+        )
+    if not config and single_file_architecture(path) != "sd15":
+        raise TESwitchError(f"--model {path}: a single-file checkpoint other than SD1.x needs {SINGLE_FILE_HELP}")
+    if config:
+        _check_model_folder(config, what=f"--config {config}")
 
 
 def single_file_architecture(path: str) -> str | None:

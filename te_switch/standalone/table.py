@@ -16,12 +16,12 @@ def human(n: int) -> str:
     return str(n)
 
 
-def tower_row(t: TowerInfo) -> list[str]:
-    """One row, in :data:`HEAD`'s order."""
+def tower_row(t: TowerInfo, name: str | None = None) -> list[str]:
+    """One row, in :data:`HEAD`'s order; ``name``: how to show the file (default: its base name)."""
     shape = f"{t.layers}x{t.width}" if t.layers and t.width else ""
     what = t.error or t.note or ", ".join(t.features)
     return [
-        os.path.basename(t.path),
+        name or os.path.basename(t.path),
         t.tower or "",
         t.kind or "error",
         t.layout or "",

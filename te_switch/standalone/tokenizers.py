@@ -8,13 +8,21 @@ from a hub. Only the package's data file is read; open_clip itself is never impo
 from __future__ import annotations
 
 import gzip
+import importlib
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 MERGES = 49152 - 256 - 2  # the merges OpenAI's CLIP uses from that file
 PACKAGES = ("open_clip", "clip")  # open_clip_torch, clip-anytorch (byte-identical copies)
+# The one place the vocabulary's package is pinned (tests/run.sh installs it through ensure_bpe too).
+# --no-deps: only its data file is read, and its torchvision pin does not import beside the CPU torch
+# (and would pull CUDA builds).
+VOCAB_PACKAGE = "open_clip_torch==3.3.0"
+INSTALL_COMMAND = ("pip", "install", "--no-deps", VOCAB_PACKAGE)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -40,12 +48,37 @@ def bpe_path() -> str:
             if os.path.isfile(path):
                 return path
     raise FileNotFoundError(
-        f"{BPE_NAME} not found: install open_clip_torch (pip install --no-deps open_clip_torch) to get CLIP's vocabulary"
+        f"{BPE_NAME} not found: install {VOCAB_PACKAGE} ({' '.join(INSTALL_COMMAND)}) to get CLIP's vocabulary"
     )
 
 
+def ensure_bpe() -> str:
+    """:func:`bpe_path`, installing :data:`VOCAB_PACKAGE` (``--no-deps``) into this Python first if it is missing."""
+    try:
+        return bpe_path()
+    except FileNotFoundError:
+        pass
+    print(
+        f"CLIP's tokenizer vocabulary comes from {VOCAB_PACKAGE}, which is not installed: "
+        f"installing it with {' '.join(INSTALL_COMMAND)} (its data file is all TE Switch reads)",
+        file=sys.stderr,
+        flush=True,
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", *INSTALL_COMMAND, "-q", "--disable-pip-version-check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    importlib.invalidate_caches()
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+        raise FileNotFoundError(f"could not install {VOCAB_PACKAGE} ({last}); run: {' '.join(INSTALL_COMMAND)}")
+    return bpe_path()
+
+
 def clip_vocab_and_merges(path: str | None = None) -> tuple[dict[str, int], list[str]]:
-    with gzip.open(path or bpe_path()) as f:
+    with gzip.open(path or ensure_bpe()) as f:
         lines = f.read().decode("utf-8").split("\n")
     merges = lines[1 : MERGES + 1]  # line 0 is a header
     vocab = list(bytes_to_unicode().values())
@@ -85,3 +118,7 @@ def write_clip_tokenizer(folder: str, *, pad_token: str = "<|endoftext|>", max_l
     with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     return folder
+
+
+if __name__ == "__main__":  # `python -m te_switch.standalone.tokenizers`: make sure the vocabulary is there
+    print(ensure_bpe())

@@ -37,6 +37,7 @@ ENCODER_HINTS = {
     "t5xxl": "Another T5-XXL (Flux, SD3): e.g. Flan-T5-XXL reads wording differently; fp8/GGUF files need less memory",
 }
 PRECISION_HINT = "fp32: slightly more exact, twice fp16's memory (T5-XXL: about 19 GB instead of 9.5)"
+REFRESH_LABEL = "Rescan"  # the encoder folders
 
 
 @dataclass
@@ -208,8 +209,9 @@ def build_panel(
                     elem_id=elem_id(slot),
                     elem_classes=["te-switch-encoder"],
                 )
+                # words, not an emoji: a font without emoji shows a box (te_switch.js adds the tooltip)
                 refresh_buttons[slot] = make_tool(
-                    value="\U0001f504", elem_id=elem_id(f"{slot}_refresh"), elem_classes=["te-switch-refresh"]
+                    value=REFRESH_LABEL, elem_id=elem_id(f"{slot}_refresh"), elem_classes=["te-switch-refresh"]
                 )
                 precisions[slot] = gr.Dropdown(
                     choices=list(PRECISION_CHOICES),

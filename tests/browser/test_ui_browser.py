@@ -135,6 +135,13 @@ def test_panel_slider_encoder_generate(sync_playwright: object, server: str) -> 
             image = page.locator("#te_switch_image img")
             expect(image).to_be_visible(timeout=60_000)
             assert image.evaluate("img => img.naturalWidth") == 256
+            # the served file is the PNG the page wrote, its infotext inside (not a re-encoded WebP)
+            served = page.request.get(image.evaluate("img => img.src"))
+            body = served.body()
+            assert body.startswith(b"\x89PNG\r\n\x1a\n"), body[:16]
+            assert b"parameters" in body
+            refresh = page.locator("#te_switch_clip_l_refresh")
+            expect(refresh).to_have_text("Rescan")
             expect(page.locator("#te_switch_timing")).to_contain_text("encode", timeout=10_000)
 
             # the inspect table lists the demo's encoder files
