@@ -607,8 +607,15 @@ def test_flux_clip_skip_has_no_effect(tmp_path: Path) -> None:
 def test_load_pipeline_says_what_to_provide(tmp_path: Path, demo_root: demo.Demo) -> None:
     with pytest.raises(TESwitchError, match=r"no model_index.json.*--config DIR"):
         load_pipeline(str(tmp_path), device="cpu")
-    checkpoint = tmp_path / "model.safetensors"
-    checkpoint.write_bytes(b"")
+    import filemakers as fm
+
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(TESwitchError, match=r"not a checkpoint \(empty.safetensors: empty file"):
+        load_pipeline(str(empty), device="cpu")
+    checkpoint = fm.write_sparse_safetensors(  # an SDXL-style bundle: not SD1, so it needs --config
+        tmp_path / "model.safetensors", fm.prefixed(fm.hf_clip_spec(768, 12), "conditioner.embedders.0.transformer.")
+    )
     with pytest.raises(TESwitchError, match=r"single-file checkpoint other than SD1.x needs --config DIR"):
         load_pipeline(str(checkpoint), device="cpu")
     no_tokenizer = tmp_path / "copy"
