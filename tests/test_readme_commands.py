@@ -66,7 +66,7 @@ def test_command_1_in_a_fresh_venv_from_a_clean_clone(tmp_path: Path) -> None:
     env.pop("PYTHONHOME", None)
     start = time.monotonic()
     run = subprocess.run(
-        ["bash", "-c", readme_commands()[1]], cwd=clone, env=env, capture_output=True, text=True, timeout=1500
+        ["bash", "-c", readme_commands()[1]], cwd=clone, env=env, capture_output=True, text=True, timeout=2700
     )
     seconds = time.monotonic() - start
     assert run.returncode == 0, f"command 1 failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
