@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +21,16 @@ import refmodels as rm
 
 T5_SMALL_VOCAB = 512
 SPARSE_LIMIT = 256 << 20  # without sparse files, skip real-shape fixtures above this logical size
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module of tiny encoders: hundreds of small matmuls run ~20-30x slower
+    with two threads on a busy two-core box (used by the adapter tests through ``usefixtures``)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="session")

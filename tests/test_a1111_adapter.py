@@ -35,13 +35,7 @@ PROMPTS = ["a (red:1.3) fox, [blurry] snow BREAK night sky", " ".join(["word"] *
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # hundreds of tiny matmuls: two threads on a busy two-core box run them ~20x slower than one
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

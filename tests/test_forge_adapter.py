@@ -30,13 +30,7 @@ PROMPT = "a red fox sitting in the snow, (detailed fur:1.2), soft light"
 NEG = "blurry, lowres"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """These encoders are tiny: intra-op threads only add overhead (30x on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

@@ -38,12 +38,7 @@ PROMPT = "a red fox sitting in the snow, detailed fur, soft light"
 HOSTS = ["reforge", "forge-classic"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")
