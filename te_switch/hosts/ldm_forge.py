@@ -351,8 +351,4 @@ def _as_float32(z: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """The host's wrappers hand fp32 on (fp32 embeddings); a slot computing in its own dtype does too."""
     if dtype is None or z.dtype == torch.float32:
         return z
-    pooled = getattr(z, "pooled", None)
-    z = z.float()
-    if pooled is not None:
-        z.pooled = pooled.float()
-    return z
+    return sdwebui.cast_cond(z, torch.float32)
