@@ -19,7 +19,7 @@ python -m pytest -q "$@"
 
 [ "${TE_SWITCH_STACKS:-1}" = "0" ] && exit 0
 STACK_TESTS="tests/test_webui_ui.py tests/test_webui_script.py tests/test_webui_api.py tests/test_webui_infotext.py
-  tests/test_webui_recommend.py tests/test_localization.py
+  tests/test_webui_sources.py tests/test_webui_xyz.py tests/test_webui_recommend.py tests/test_localization.py
   tests/test_engine.py tests/test_host_base.py tests/test_slots.py tests/test_clip_skip.py"
 declare -A PINS=(
   [a1111]="gradio==3.41.2 transformers==4.30.2 fastapi==0.94.0 pydantic<2 numpy<2 huggingface_hub<0.26 httpx==0.24.1"

@@ -177,7 +177,8 @@ def test_infotext_round_trip_with_awkward_values() -> None:
 def test_infotext_keys_match_the_webui_side() -> None:
     webui_infotext = pytest.importorskip("te_switch.webui.infotext")
     selection = Selection(2, "clip_l", {"clip_l": SlotChoice(None, "fp16")})
-    entries = webui_infotext.entries(selection)
+    sources = pytest.importorskip("te_switch.webui.sources")
+    entries = webui_infotext.entries(sources.resolve(selection))
     ours = parse_infotext(format_infotext({"Prompt": "p", "Steps": 1, "Seed": 1, **entries}))
     assert selection_from_params(ours) == selection
 

@@ -163,10 +163,10 @@ def test_bad_args_shape(api: Api) -> None:
 
 
 def test_infotext_request_gets_our_args(api: Api, webui: dict[str, Path]) -> None:  # noqa: F811
-    from te_switch.webui import library
+    from te_switch.webui import sources
 
     write_clip(webui["clip"] / "a.safetensors")
-    digest = library.short_hash(library.lookup("a.safetensors"))
+    digest = sources.short_hash(sources.source("a.safetensors", "clip_l"))
     text = f"a cat\nSteps: 20, Sampler: Euler, Seed: 1, Clip skip: 3, TE CLIP-L: a.safetensors [{digest}]"
     assert api.generate(infotext=text).status_code == 200
     args = api.received[-1]["alwayson_scripts"][TITLE]["args"]

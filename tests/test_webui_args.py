@@ -13,9 +13,9 @@ from te_switch.webui.args import (
     dict_from_selection,
     force,
     merge,
+    parse_encoder,
     selection_from_args,
     selection_from_dict,
-    strip_decoration,
 )
 
 
@@ -71,10 +71,20 @@ def test_bad_args_are_one_line_errors(args: list, message: str) -> None:
 
 
 def test_decoration_is_stripped_only_when_it_is_ours() -> None:
-    assert strip_decoration("a/b.safetensors (T5-XXL · GGUF)") == "a/b.safetensors"
-    assert strip_decoration("x.safetensors (CLIP-L · from checkpoint)") == "x.safetensors"
-    assert strip_decoration("my model (v2).safetensors") == "my model (v2).safetensors"
-    assert strip_decoration("weird (CLIP-L)") == "weird"
+    from te_switch.core.detect import TowerInfo
+    from te_switch.webui.labels import decorate, strip
+
+    assert strip("a/b.safetensors (T5-XXL · GGUF)") == "a/b.safetensors"
+    assert strip("x.safetensors (CLIP-L · from checkpoint)") == "x.safetensors"
+    assert strip("my model (v2).safetensors") == "my model (v2).safetensors"
+    assert strip("weird (CLIP-L)") == "weird"
+    for tower in (
+        TowerInfo("x", kind="long-clip-l", positions=248),
+        TowerInfo("x", kind="t5-xxl", quant="scaled-fp8"),
+        TowerInfo("x", tower="clip_g", kind="clip-g", prefix="conditioner.embedders.1.model."),
+    ):
+        assert strip(decorate("dir/my (v2).safetensors", tower)) == "dir/my (v2).safetensors"  # what it decorated
+    assert parse_encoder("g.safetensors (CLIP-G · from checkpoint)") == "g.safetensors"
 
 
 def test_round_trips() -> None:

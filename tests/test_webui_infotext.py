@@ -68,21 +68,21 @@ def test_skipped_clip_skip_leaves_the_control_alone(webui: dict[str, Path]) -> N
 
 
 def test_written_entries_paste_back(webui: dict[str, Path]) -> None:  # noqa: F811
-    from te_switch.webui import infotext, library
+    from te_switch.webui import infotext, sources
 
     write_clip(webui["clip"] / "long.safetensors", kind="long-clip-l", positions=248)
     write_clip(webui["clip"] / "g.safetensors", kind="clip-g", seed=3)
     sel = Selection(
         3, "clip_g", {"clip_l": SlotChoice("long.safetensors", "fp32"), "clip_g": SlotChoice("g.safetensors")}
     )
-    written = infotext.entries(sel)
-    hash_l = library.short_hash(library.lookup("long.safetensors"))
+    written = infotext.entries(sources.resolve(sel))
+    hash_l = sources.short_hash(sources.source("long.safetensors", "clip_l"))
     assert written == {
         "Clip skip": 3,
         "Clip skip scope": "CLIP-G only",
         "TE CLIP-L": f"long.safetensors [{hash_l}]",
         "TE CLIP-L precision": "fp32",
-        "TE CLIP-G": f"g.safetensors [{library.short_hash(library.lookup('g.safetensors'))}]",
+        "TE CLIP-G": f"g.safetensors [{sources.short_hash(sources.source('g.safetensors', 'clip_g'))}]",
     }
     params = paste(infotext_for(written))
     assert params[infotext.PASTE_CLIP_SKIP] == 3
@@ -95,11 +95,11 @@ def test_written_entries_paste_back(webui: dict[str, Path]) -> None:  # noqa: F8
 
 
 def test_hash_wins_over_name_then_name_is_the_fallback(webui: dict[str, Path]) -> None:  # noqa: F811
-    from te_switch.webui import infotext, library
+    from te_switch.webui import infotext, library, sources
 
     write_clip(webui["clip"] / "original.safetensors", seed=1)
     write_clip(webui["clip"] / "other.safetensors", seed=2)
-    digest = library.short_hash(library.lookup("original.safetensors"))
+    digest = sources.short_hash(sources.source("original.safetensors", "clip_l"))
     shutil.move(webui["clip"] / "original.safetensors", webui["clip"] / "renamed.safetensors")
     library.refresh()
     # the file was renamed; "other.safetensors" exists but is not the file the hash names

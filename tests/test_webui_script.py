@@ -138,13 +138,13 @@ def test_xyz_cells_do_not_share_infotext(host: FakeHost, webui: dict[str, Path])
     write_clip(webui["clip"] / "a.safetensors")
     parent = processing.StableDiffusionProcessingTxt2Img(prompt="x")
     shared_params = parent.extra_generation_params
-    from te_switch.webui import infotext
+    from te_switch.webui import infotext, sources
 
     cell = __import__("copy").copy(parent)
-    infotext.write(cell, Selection(2, "both", {"clip_l": SlotChoice("a.safetensors")}))
+    infotext.write(cell, sources.resolve(Selection(2, "both", {"clip_l": SlotChoice("a.safetensors")})))
     assert shared_params == {}  # X/Y/Z copies p shallowly: the parent's dict must stay clean
     assert cell.extra_generation_params["Clip skip"] == 2
-    infotext.write(cell, Selection())
+    infotext.write(cell, sources.resolve(Selection()))
     assert cell.extra_generation_params == {}
 
 

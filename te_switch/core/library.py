@@ -97,6 +97,7 @@ class EncoderLibrary:
         self._cache: dict[str, dict] = {}
         self._files: list[EncoderFile] = []
         self._dirty = False
+        self.scans = 0  # bumped by every scan: what was found before may have moved
         self._load_cache()
 
     # -- persistence ------------------------------------------------------------------------
@@ -145,6 +146,7 @@ class EncoderLibrary:
                     name = os.path.relpath(path, root).replace(os.sep, "/")
                     files.append(EncoderFile(path, name, size, mtime, self._towers(path, size, mtime)))
             self._files = files
+            self.scans += 1
             self.save_cache()
             return list(files)
 

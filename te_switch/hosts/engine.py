@@ -103,14 +103,42 @@ class LiveSlot:
         return None
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class EncoderSource:
-    """A resolved encoder choice: which file, which tower of it, and how users name it."""
+    """An encoder choice, resolved: which file, which tower of it, how users name it, the file's
+    (size, mtime) when it was resolved, and what is known of it so far.
+
+    The WebUI resolves each chosen encoder once per generation (``webui.sources``); the same object is
+    written into the infotext, handed to the engine and, for an API request, checked before the
+    generation starts. ``short_hash`` is None until the file is hashed (whoever hashes it sets it
+    here); the values check is the per-file-state one the engine and the API share.
+    """
 
     path: str
     tower: TowerInfo
     label: str
-    short_hash: str = ""
+    short_hash: str | None = None
+    size: int | None = None
+    mtime: float | None = None
+
+    @property
+    def kind(self) -> str | None:
+        return self.tower.kind
+
+    @property
+    def layout(self) -> str | None:
+        return self.tower.layout
+
+    def is_current(self) -> bool:
+        """Whether the file still has the size and mtime it had when this source was resolved."""
+        try:
+            return self.size is not None and file_identity(self.path) == (self.size, self.mtime)
+        except OSError:
+            return False
+
+    def checked(self) -> tuple[bool, str | None]:
+        """(known, reason) of the values check for this tower as the file is now (reason None: all finite)."""
+        return checked_values(self.path, self.tower)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from te_switch.standalone.generate import default_size, generate, save_result
 from te_switch.standalone.model import Model, open_model
 from te_switch.standalone.table import HEAD, tower_row
 from te_switch.webui.args import ArgsError, selection_from_args
-from te_switch.webui.library import describe_tower
+from te_switch.webui.labels import decorate
 from te_switch.webui.ui import PanelBackend, build_panel
 
 ELEM_PREFIX = "te_switch_"
@@ -76,7 +76,7 @@ class LocalBackend:
     def choice_label(self, label: str) -> str:
         library = self.model.library
         choice = library.find(label) if library is not None else None
-        return f"{label} ({describe_tower(choice.tower)})" if choice else label
+        return decorate(label, choice.tower) if choice else label
 
     def refresh(self) -> None:
         if self.model.library is not None:

@@ -6,7 +6,7 @@ import os
 
 from te_switch.core.detect import TowerInfo, inspect_path
 from te_switch.core.errors import IncompatibleError, TESwitchError
-from te_switch.core.library import EncoderLibrary, sha256_of
+from te_switch.core.library import EncoderLibrary, file_identity, sha256_of
 from te_switch.core.selection import KINDS_BY_SLOT, SLOT_LABELS
 from te_switch.hosts.engine import EncoderSource
 
@@ -22,12 +22,15 @@ class EncoderResolver:
         if self.library is not None:
             choice = self.library.find(name)
             if choice is not None and choice.tower.kind in KINDS_BY_SLOT[slot]:
-                return EncoderSource(choice.file.path, choice.tower, choice.label, self.short_hash(choice.file.path))
+                return self._source(choice.file.path, choice.tower, choice.label)
         if os.path.exists(name):
-            tower = self.tower_for(slot, name)
-            return EncoderSource(name, tower, os.path.basename(name), self.short_hash(name))
+            return self._source(name, self.tower_for(slot, name), os.path.basename(name))
         where = f" in {', '.join(self.library.folders)}" if self.library and self.library.folders else ""
         raise TESwitchError(f"{name}: no such encoder file{where}")
+
+    def _source(self, path: str, tower: TowerInfo, label: str) -> EncoderSource:
+        size, mtime = file_identity(path)
+        return EncoderSource(path, tower, label, self.short_hash(path), size, mtime)
 
     def tower_for(self, slot: str, path: str) -> TowerInfo:
         """The tower of ``path`` that fits ``slot`` (a whole checkpoint holds several)."""

@@ -31,7 +31,7 @@ from typing import Any
 
 from te_switch.core.errors import TESwitchError, one_line
 from te_switch.core.selection import ALL_SLOTS, Selection
-from te_switch.webui import infotext, library, options, recommend, runtime
+from te_switch.webui import infotext, library, options, recommend, runtime, sources
 from te_switch.webui.args import ArgsError, dict_from_selection, parse_encoder, selection_from_args, selection_from_dict
 from te_switch.webui.ui import TITLE
 
@@ -69,7 +69,7 @@ def _check_encoder(value: Any, slot: str) -> None:
         name = parse_encoder(value)
         if name is None:
             return
-        library.check_values(library.lookup(name, slot))
+        sources.check_values(sources.source(name, slot))  # the generation it lets through reuses the source
     except library.EncoderLookupError as e:
         raise Rejected(e.http_status, one_line(e)) from None
     except ArgsError as e:

@@ -19,7 +19,6 @@ behaviour even when the panel or the options say otherwise.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -34,6 +33,7 @@ from te_switch.core.selection import (
     parse_clip_skip,
 )
 from te_switch.core.tensors import PRECISIONS
+from te_switch.webui import labels
 
 AUTO = "Auto"
 PRECISION_CHOICES = (AUTO, "fp32", "bf16", "fp16")
@@ -46,18 +46,9 @@ ARG_NAMES: tuple[str, ...] = (
 )
 DICT_KEYS: tuple[str, ...] = ("clip_skip", "scope", *ARG_NAMES[3:])
 
-# the panel shows "label (CLIP-L · fp8)"; the decoration is ours, so it can be stripped exactly
-_KIND_WORDS = ("Long-CLIP-L", "CLIP-L", "CLIP-G", "CLIP-H", "T5-XXL")
-_DECORATION = re.compile(r" \((?:" + "|".join(re.escape(w) for w in _KIND_WORDS) + r")(?: · [^()]*)?\)$")
-
 
 class ArgsError(ValueError):
     """Arguments that do not describe a selection; ``str()`` is one line for the user."""
-
-
-def strip_decoration(value: str) -> str:
-    """'dir/x.safetensors (Long-CLIP-L · 248)' -> 'dir/x.safetensors' (other text unchanged)."""
-    return _DECORATION.sub("", value)
 
 
 def parse_scope(value: object) -> str:
@@ -82,12 +73,13 @@ def parse_precision(value: object) -> str:
 
 
 def parse_encoder(value: object) -> str | None:
-    """A panel/API encoder value -> the name to look up, or None for Built-in."""
+    """A panel/API/X/Y/Z encoder value -> the name to look up (the dropdown's decoration stripped), or
+    None for Built-in."""
     if value is None:
         return None
     if not isinstance(value, str):
         raise ArgsError(f"an encoder must be a file name or {BUILT_IN!r}, not {value!r}")
-    text = strip_decoration(value.strip())
+    text = labels.strip(value.strip())
     return None if text in ("", BUILT_IN) or text.lower() in ("built-in", "builtin", "none") else text
 
 

@@ -12,7 +12,7 @@ import inspect
 from typing import Any
 
 from te_switch.core.errors import one_line
-from te_switch.webui import api, infotext, library, options, runtime, script, xyz
+from te_switch.webui import api, infotext, options, runtime, script, sources, xyz
 
 _installed: dict[str, Any] = {}
 
@@ -65,7 +65,7 @@ def install_host() -> None:
     host = runtime.adapter()
     if host is None:
         return
-    host.resolver = library.source_for  # reapply() after a weights reload resolves through it
+    host.resolver = sources.resolver  # reapply() after a weights reload: the last generation's sources
     try:
         host.install()
         _installed["host"] = host

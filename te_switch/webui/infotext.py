@@ -3,7 +3,8 @@ API's ``infotext`` field) restores the panel.
 
 The keys and the text format are the core codec's (``core/infotext.py``): ``Clip skip: N`` whenever
 our clip skip is explicit (N=1 too: A1111 would omit it, and a missing key pastes back as Auto), its
-scope, ``TE CLIP-L: name [short hash]`` per swapped slot and ``TE CLIP-L precision``.
+scope, ``TE CLIP-L: name [short hash]`` per swapped slot and ``TE CLIP-L precision``. What is written
+is the generation's :class:`~te_switch.webui.sources.Resolved`: the same sources the host loaded.
 
 Pasting: the native ``Clip skip`` key stays out of our string paste fields (so the WebUI's
 override of ``CLIP_stop_at_last_layers`` keeps working); ``on_infotext_pasted`` sees the raw text
@@ -24,14 +25,17 @@ from te_switch.core.infotext import (
     SCOPE,
     clip_skip_entries,
     encoder_key,
+    encoder_value,
     precision_key,
     raw_keys,
     slot_entries,
 )
 from te_switch.core.infotext import unquote as _unquote
-from te_switch.core.selection import ALL_SLOTS, BUILT_IN, SCOPE_LABELS, SLOT_LABELS, Selection
-from te_switch.webui import compat, library
+from te_switch.core.selection import ALL_SLOTS, BUILT_IN, SCOPE_LABELS, SLOT_LABELS
+from te_switch.hosts.engine import EncoderSource
+from te_switch.webui import compat, labels, sources
 from te_switch.webui.args import AUTO, ArgsError, parse_precision, parse_scope, precision_label
+from te_switch.webui.sources import Resolved
 from te_switch.webui.ui import Panel, status_html
 
 # our synthetic paste keys: dots never occur in real infotext keys, so these cannot collide
@@ -44,24 +48,23 @@ PASTE_STATUS = "te_switch.status"
 # writing
 
 
-def entries(sel: Selection, slots: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """The infotext entries for an effective selection (``slots``: the model's; None = all)."""
-    out = clip_skip_entries(sel)
+def entries(resolved: Resolved) -> dict[str, Any]:
+    """The infotext entries for a generation's resolved selection: its sources, ``name [short hash]``."""
+    out = clip_skip_entries(resolved.selection)
     for slot in ALL_SLOTS:
-        if slots is not None and slot not in slots:
-            continue
-        choice = sel.slot(slot)
-        encoder = library.infotext_value(choice.encoder) if choice.encoder else None
+        choice = resolved.selection.slot(slot)
+        src = resolved.sources.get(slot)
+        encoder = encoder_value(src.label, sources.short_hash(src)) if src is not None else None
         out.update(slot_entries(slot, encoder, choice.precision))
     return out
 
 
-def write(p: Any, sel: Selection, slots: tuple[str, ...] | None = None) -> None:
-    """Record ``sel`` on ``p``. The dict is copied first: X/Y/Z cells share their parent's."""
+def write(p: Any, resolved: Resolved) -> None:
+    """Record ``resolved`` on ``p``. The dict is copied first: X/Y/Z cells share their parent's."""
     params = {k: v for k, v in (p.extra_generation_params or {}).items() if k not in OUR_KEYS}
     if getattr(p, "te_switch_wrote_clip_skip", False):
         params.pop(CLIP_SKIP, None)
-    new = entries(sel, slots)
+    new = entries(resolved)
     params.update(new)
     p.extra_generation_params = params
     p.te_switch_wrote_clip_skip = CLIP_SKIP in new
@@ -77,7 +80,7 @@ class Pasted:
 
     clip_skip: Any = ...  # int, None (Auto) or ... (untouched)
     scope: str = "both"
-    encoders: dict[str, str | None] = field(default_factory=dict)  # slot -> library label / None
+    encoders: dict[str, EncoderSource] = field(default_factory=dict)  # slot -> the file the value names
     precisions: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -87,7 +90,8 @@ class Pasted:
         if self.clip_skip is not ...:
             out["clip_skip"] = self.clip_skip if self.clip_skip is not None else AUTO
         for slot in ALL_SLOTS:
-            out[slot] = self.encoders.get(slot) or BUILT_IN
+            src = self.encoders.get(slot)
+            out[slot] = src.label if src is not None else BUILT_IN
             out[f"{slot}_precision"] = self.precisions.get(slot, "auto")
         return out
 
@@ -116,7 +120,7 @@ def read(infotext: str, params: Mapping[str, Any]) -> Pasted:
         value = _unquote(params.get(encoder_key(slot)))
         if value:
             try:
-                out.encoders[slot] = library.lookup(str(value), slot).label
+                out.encoders[slot] = sources.source(str(value), slot)
             except TESwitchError as e:
                 out.warnings.append(f"{SLOT_LABELS[slot]} stays Built-in: {one_line(e)}")
         try:
@@ -135,8 +139,8 @@ def on_infotext_pasted(infotext: str, params: dict[str, Any]) -> None:
             params[PASTE_CLIP_SKIP] = pasted.clip_skip
     params[SCOPE] = SCOPE_LABELS[pasted.scope]
     for slot in ALL_SLOTS:
-        label = pasted.encoders.get(slot)
-        params[encoder_key(slot)] = library.display_label(label) if label else BUILT_IN
+        src = pasted.encoders.get(slot)
+        params[encoder_key(slot)] = labels.decorate(src.label, src.tower) if src is not None else BUILT_IN
         params[precision_key(slot)] = precision_label(pasted.precisions.get(slot, "auto"))
     if pasted.warnings:
         message = "; ".join(pasted.warnings)

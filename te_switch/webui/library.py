@@ -1,5 +1,6 @@
-"""The WebUI's encoder library: which folders, one shared :class:`EncoderLibrary`, and turning
-what users type (labels, ``name [hash]`` from infotext, paths) into a checked encoder.
+"""The WebUI's encoder library: which folders, one shared :class:`EncoderLibrary`, and finding the
+encoder tower a user named (labels, ``name [hash]`` from infotext, paths), checked against its slot
+(:func:`lookup`; ``webui.sources`` turns that into a generation's source).
 
 Folders: ``<models>/CLIP`` (A1111's SD3 convention), ``<models>/text_encoder`` (Forge),
 ``<models>/text_encoders`` (ComfyUI, reForge), Forge's ``--text-encoder-dir``, and the folders in
@@ -16,26 +17,13 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from te_switch.core.detect import TowerInfo
-from te_switch.core.errors import TESwitchError, one_line
-from te_switch.core.infotext import encoder_value
+from te_switch.core.errors import TESwitchError
 from te_switch.core.library import SHORT_HASH_LEN, EncoderChoice, EncoderFile, EncoderLibrary
 from te_switch.core.selection import KINDS_BY_SLOT, SLOT_LABELS
-from te_switch.hosts.engine import EncoderSource
+from te_switch.webui.labels import KIND_ORDER, decorate, kind_label
 
 MODEL_SUBFOLDERS = ("CLIP", "text_encoder", "text_encoders")
 CACHE_SUBFOLDER = "te_switch"
-KIND_LABELS = {
-    "clip-l": "CLIP-L",
-    "long-clip-l": "Long-CLIP-L",
-    "clip-g": "CLIP-G",
-    "clip-h": "CLIP-H",
-    "t5-xxl": "T5-XXL",
-    "t5-xl": "T5-XL",
-    "t5-base": "T5-base",
-    "umt5-xxl": "UMT5-XXL",
-}
-KIND_ORDER = tuple(KIND_LABELS)
 _WITH_HASH = re.compile(rf"^(?P<name>.*\S)\s*\[(?P<hash>[0-9a-fA-F]{{{SHORT_HASH_LEN}}})\]$")
 
 
@@ -164,22 +152,10 @@ def labels_for(slot: str) -> list[str]:
     return [c.label for c in choices_for(slot)]
 
 
-def describe_tower(tower: TowerInfo) -> str:
-    """'Long-CLIP-L · 248', 'T5-XXL · GGUF', 'CLIP-L · from checkpoint' (the dropdown's decoration)."""
-    parts = [KIND_LABELS.get(tower.kind or "", tower.kind or "?")]
-    if tower.positions and tower.positions != 77:
-        parts.append(str(tower.positions))
-    if tower.quant:
-        parts.append({"fp8": "fp8", "scaled-fp8": "scaled fp8", "gguf": "GGUF"}.get(tower.quant, tower.quant))
-    if tower.prefix:
-        parts.append("from checkpoint")
-    return " · ".join(parts)
-
-
 def display_label(label: str) -> str:
-    """A library label as the dropdown shows it: 'x.safetensors (Long-CLIP-L · 248)'."""
+    """A library label as the dropdown shows it (``labels.decorate``)."""
     choice = get_library().find(label)
-    return f"{label} ({describe_tower(choice.tower)})" if choice else label
+    return decorate(label, choice.tower) if choice else label
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,8 +209,8 @@ def lookup(value: str, slot: str | None = None) -> EncoderChoice:
     if choice is None:
         raise EncoderNotFound(f"{value}: no such encoder in the encoder folders")
     if slot is not None and choice.kind not in slot_kinds(slot):
-        accepted = ", ".join(KIND_LABELS.get(k, k) for k in slot_kinds(slot))
-        kind = KIND_LABELS.get(choice.kind or "", choice.kind)
+        accepted = ", ".join(kind_label(k) for k in slot_kinds(slot))
+        kind = kind_label(choice.kind)
         raise EncoderLookupError(
             f"{choice.label}: a {kind} file cannot go into the {SLOT_LABELS[slot]} slot ({accepted})"
         )
@@ -263,59 +239,9 @@ def _unusable_named(lib: EncoderLibrary, text: str) -> EncoderFile | None:
     return None
 
 
-def canonical(value: str | None, slot: str) -> str | None:
-    """The library label for a user value (None stays Built-in); raises like :func:`lookup`."""
-    return None if value is None else lookup(value, slot).label
-
-
-def short_hash(choice: EncoderChoice) -> str:
-    return get_library().short_hash(choice.file.path)
-
-
 def cached_short_hash(path: str) -> str | None:
     """The short hash if the cache already has it for the file as it is now (no hashing here)."""
     return get_library().cached_short_hash(path)
-
-
-def infotext_value(label: str) -> str:
-    """'name [short hash]' for the infotext."""
-    choice = lookup(label)
-    return encoder_value(choice.label, short_hash(choice))
-
-
-def source_for(slot: str, label: str) -> EncoderSource:
-    """The host adapters' resolver: label -> the file, tower, label and short hash to load."""
-    choice = lookup(label, slot)
-    return EncoderSource(choice.file.path, choice.tower, choice.label, short_hash(choice))
-
-
-def check_values(choice: EncoderChoice) -> None:
-    """Read the whole tower once: every weight must convert and be finite.
-
-    The API calls this before a generation starts so a broken file is a 4xx, not a stopped run. The
-    result is the swap engine's own (per file state): a file checked here is not read again for its
-    values when the generation swaps it in, and one the engine already loaded is not read here.
-    """
-    from te_switch.core.convert import load_tower
-    from te_switch.core.readers import open_file
-    from te_switch.hosts.engine import checked_values, first_bad_value, remember_check
-
-    path = choice.file.path
-    if not os.path.exists(path):
-        raise EncoderNotFound(f"{choice.label}: no such file")
-    known, reason = checked_values(path, choice.tower)
-    if not known:
-        try:
-            with open_file(path) as src:
-                bad = first_bad_value(load_tower(src, choice.tower))
-            reason = f"tensor {bad} holds NaN or Inf values" if bad else None
-            remember_check(path, choice.tower, reason)
-        except TESwitchError as e:
-            reason = one_line(e)
-        except (OSError, RuntimeError, ValueError, KeyError) as e:
-            reason = one_line(e)
-    if reason is not None:
-        raise EncoderLookupError(reason if reason.startswith(choice.label) else f"{choice.label}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -350,7 +276,7 @@ def rows(*, with_hashes: bool = False) -> list[EncoderRow]:
                     digest = lib.short_hash(file.path) if with_hashes else cached_short_hash(file.path)
                 except OSError:
                     digest = None
-            shown = f"{label} ({describe_tower(tower)})" if tower.usable else label
+            shown = decorate(label, tower) if tower.usable else label
             error = tower.error or (None if tower.usable else tower.note or f"not usable ({tower.kind})")
             out.append(
                 EncoderRow(

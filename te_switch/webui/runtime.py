@@ -14,7 +14,7 @@ from te_switch.core.clip_skip import NATIVE_SKIP, clip_towers
 from te_switch.core.errors import one_line
 from te_switch.core.selection import SLOT_LABELS, Selection
 from te_switch.hosts.base import HostAdapter
-from te_switch.webui import library, memory, options
+from te_switch.webui import memory, options, sources
 from te_switch.webui.args import ArgsError, force, merge, parse_clip_skip
 from te_switch.webui.i18n import tr, tr_line
 
@@ -184,7 +184,7 @@ def long_clip_hint(panel: Selection) -> str:
     if not wanted or "clip_l" not in (slot_names() or ("clip_l",)):
         return ""
     try:
-        choice = library.lookup(wanted, "clip_l")
+        choice = sources.source(wanted, "clip_l")
     except Exception:
         return ""
     if choice.kind != "long-clip-l":

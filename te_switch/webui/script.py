@@ -5,9 +5,10 @@ One generation:
 * ``process`` (after ``override_settings`` are applied — ``before_process`` runs before them, so a
   per-request ``{"te_switch_clip_skip": "2"}`` would be missed there — and before any
   conditioning): build the effective Selection (X/Y/Z > panel > options > Auto/Built-in; with the
-  automatic mode on, an Auto clip skip becomes what the checkpoint and the prompt's LoRAs agree on), write
-  the infotext, make the model match it (``host.apply``, atomic) and start the encode patches
-  (``host.begin``);
+  automatic mode on, an Auto clip skip becomes what the checkpoint and the prompt's LoRAs agree on),
+  resolve every chosen encoder once (``webui.sources``), make the model match it (``host.apply`` with
+  those sources, atomic), start the encode patches (``host.begin``) and write the infotext from the
+  same sources;
 * ``postprocess``: ``host.end()``, remember the panel per checkpoint and its clip skip per LoRA (opt-in). ``end`` also runs
   from ``StableDiffusionProcessing.close`` (patched), which every WebUI caller reaches through
   ``with closing(p)`` even when the generation raised.
@@ -25,8 +26,8 @@ import sys
 from typing import Any
 
 from te_switch.core.errors import TESwitchError, one_line
-from te_switch.core.selection import ALL_SLOTS, Selection, SlotChoice
-from te_switch.webui import compat, infotext, library, memory, recommend, runtime, xyz
+from te_switch.core.selection import Selection
+from te_switch.webui import compat, infotext, memory, recommend, runtime, sources, xyz
 from te_switch.webui.args import ArgsError, selection_from_args
 from te_switch.webui.i18n import tr
 from te_switch.webui.panel import panel_backend
@@ -49,7 +50,7 @@ class RunState:
 
     def __init__(self) -> None:
         self.panel: Selection | None = None
-        self.selection: Selection | None = None
+        self.resolved: sources.Resolved | None = None  # the effective selection and its files
         self.host: Any = None
         self.failed: str | None = None
         self.ended = False
@@ -100,18 +101,6 @@ def live_slots(host: Any) -> tuple[str, ...] | None:
     return names or None
 
 
-def resolve(sel: Selection, slots: tuple[str, ...] | None) -> Selection:
-    """Every chosen encoder -> its library label, checked against its slot; slots the model does
-    not have are dropped (an SD1 model has no CLIP-G to swap)."""
-    kept: dict[str, SlotChoice] = {}
-    for slot in ALL_SLOTS:
-        choice = sel.slot(slot)
-        if choice.is_builtin or (slots is not None and slot not in slots):
-            continue
-        kept[slot] = SlotChoice(library.canonical(choice.encoder, slot), choice.precision)
-    return Selection(sel.clip_skip, sel.scope, kept)
-
-
 def start(p: Any, args: tuple[Any, ...]) -> RunState:
     """Everything ``process`` does, callable without a Script instance (tests, other callers)."""
     run = RunState()
@@ -121,15 +110,16 @@ def start(p: Any, args: tuple[Any, ...]) -> RunState:
     run.host = host
     try:
         run.panel = selection_from_args(args)
-        sel = resolve(runtime.effective(run.panel, xyz.forced(p)), live_slots(host))
-        sel = recommend.apply_automatic(p, sel)  # Auto everywhere + the automatic mode: the models' value
-        infotext.write(p, sel, live_slots(host))
+        resolved = sources.resolve(runtime.effective(run.panel, xyz.forced(p)), live_slots(host))
+        # Auto everywhere + the automatic mode: the models' value
+        resolved = resolved.with_selection(recommend.apply_automatic(p, resolved.selection))
     except (ArgsError, TESwitchError, ValueError, OSError) as e:
         fail(p, one_line(e) if isinstance(e, TESwitchError | OSError) else str(e))
         return run
-    run.selection = sel
+    run.resolved = resolved
     if host is None:
-        if not sel.is_auto:
+        infotext.write(p, resolved)
+        if not resolved.selection.is_auto:
             hosts = "A1111 1.10, Forge 2, reForge or Forge Classic"
             fail(p, tr("this WebUI is not supported: CLIP Skip and encoder swaps need {hosts}", hosts=hosts))
         return run
@@ -137,11 +127,13 @@ def start(p: Any, args: tuple[Any, ...]) -> RunState:
     run.outer = _running[-1] if _running else None
     _running.append(run)
     try:
-        host.apply(sel, library.source_for)
-        host.begin(sel)
+        host.apply(resolved.selection, resolved)  # the host loads the sources the infotext names
+        host.begin(resolved.selection)
     except Exception as e:  # atomic swap: the model is as it was; say why in one line
         _end(run)
         fail(p, one_line(e))
+        return run
+    infotext.write(p, resolved)  # after the swap: a hash found while reading the file is not computed again
     return run
 
 
@@ -156,10 +148,10 @@ def _end(run: RunState) -> None:
         return
     outer = run.outer
     try:
-        if outer is not None and not outer.ended and outer.selection is not None and outer in _running:
-            if run.selection != outer.selection:
-                run.host.apply(outer.selection, library.source_for)
-            run.host.begin(outer.selection)
+        if outer is not None and not outer.ended and outer.resolved is not None and outer in _running:
+            if run.resolved is None or run.resolved.selection != outer.resolved.selection:
+                run.host.apply(outer.resolved.selection, outer.resolved)
+            run.host.begin(outer.resolved.selection)
         else:
             run.host.end()
     except Exception as e:

@@ -45,8 +45,8 @@ class PanelBackend:
     """What the panel asks of its host. Every callable must be cheap and must not raise.
 
     ``choices(slot)`` returns library labels of compatible encoders (Built-in is added by the
-    panel); ``choice_label(label)`` turns one into the text shown in the dropdown (the panel maps
-    it back with :func:`args.strip_decoration`).
+    panel); ``choice_label(label)`` turns one into the text shown in the dropdown (``labels.decorate``;
+    the script maps it back with ``labels.strip``).
     """
 
     describe: Callable[[Selection], str]

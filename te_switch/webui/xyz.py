@@ -14,7 +14,7 @@ from typing import Any
 
 from te_switch.core.errors import TESwitchError, one_line
 from te_switch.core.selection import ALL_SLOTS, BUILT_IN, CLIP_SKIP_MAX, SLOT_LABELS
-from te_switch.webui import library
+from te_switch.webui import library, sources
 from te_switch.webui.args import (
     AUTO,
     PRECISION_CHOICES,
@@ -74,7 +74,7 @@ def _confirm_encoder(slot: str) -> Callable[[Any, list[Any]], None]:
             try:
                 name = parse_encoder(x)
                 if name is not None:
-                    library.lookup(name, slot)
+                    sources.source(name, slot)  # each cell gets this source back: resolved once
             except (ArgsError, TESwitchError) as e:
                 raise RuntimeError(f"{PREFIX}{SLOT_LABELS[slot]}: {one_line(e)}") from None
 
