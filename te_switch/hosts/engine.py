@@ -44,7 +44,8 @@ import torch
 from te_switch.core.convert import load_tower
 from te_switch.core.detect import TowerInfo
 from te_switch.core.errors import BadFileError, IncompatibleError, TESwitchError, one_line
-from te_switch.core.fingerprint import fingerprint, is_mapped, mapped_ranges
+from te_switch.core import digest
+from te_switch.core.fingerprint import fingerprint, is_mapped, mapped_ranges, prefault
 from te_switch.core.library import file_identity
 from te_switch.core.longclip import stretch_positions
 from te_switch.core.readers import TensorSource, open_file
@@ -252,6 +253,7 @@ def first_bad_value(values: Mapping[str, Weight]) -> str | None:
         if isinstance(value, PackedTensor):
             ok = all(all_finite(dense(part)) for part in _row_chunks(value))
         else:
+            prefault(value)
             ok = all_finite(value)
         if not ok:
             return key
@@ -362,6 +364,8 @@ class SwapEngine:
             raise IncompatibleError(f"{name}: {new_positions} positions; this host's {slot.label} is fixed")
         known, reason = checked_values(source.path, source.tower)
         if not known:
+            # first read of this file: its sha256 (for the infotext) reads the same pages on another core
+            digest.start(source.path)
             bad = first_bad_value(host)
             reason = None if bad is None else f"tensor {bad} holds NaN or Inf values"
             remember_check(source.path, source.tower, reason)
@@ -703,6 +707,7 @@ class _Writes:
             self.flush()
             self.owner = owner
         value = dense(value) if isinstance(value, PackedTensor) else value
+        prefault(value)
         with torch.no_grad():
             if is_mapped(target, self.ranges) or tuple(target.shape) != tuple(value.shape):
                 new = value.to(device=target.device, dtype=dtype)
