@@ -12,12 +12,14 @@ Results are kept per file state (path, inode, size, mtime): a file changed on di
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
 from concurrent.futures import Future
 
 CHUNK = 4 << 20  # bytes per read: big enough that hashlib releases the GIL, small enough for the cache
+BACKGROUND_NICE = 10
 
 _known: dict[tuple, str] = {}
 _running: dict[tuple, Future[str]] = {}
@@ -59,7 +61,14 @@ def start(path: str) -> None:
         if key in _known or key in _running:
             return
         future: Future[str] = _running.setdefault(key, Future())
-    threading.Thread(target=_run, args=(path, key, future), name="te-switch-sha256", daemon=True).start()
+    threading.Thread(target=_background, args=(path, key, future), name="te-switch-sha256", daemon=True).start()
+
+
+def _background(path: str, key: tuple, future: Future[str]) -> None:
+    # background work: on a busy machine the swap and the generation come first (Linux nices threads alone)
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+    _run(path, key, future)
 
 
 def _run(path: str, key: tuple, future: Future[str]) -> None:
