@@ -30,6 +30,13 @@ def passes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return real(path)
 
     monkeypatch.setattr(digest, "_hash", counting)
+    visiting = digest.sha256_visiting
+
+    def counting_visits(path: str, *args: object) -> str:
+        seen.append(os.path.basename(path))
+        return visiting(path, *args)
+
+    monkeypatch.setattr(digest, "sha256_visiting", counting_visits)
     return seen
 
 
@@ -47,6 +54,41 @@ def test_a_swap_hashes_its_file_once_and_the_library_reuses_that_hash(tmp_path: 
     assert library.short_hash(str(path)) == sha256(path)[:10]
     assert library.short_hash(str(path)) == sha256(path)[:10]
     assert passes == [path.name]
+
+
+def test_one_read_checks_every_tensor_and_hashes_the_file(tmp_path: Path, passes: list[str]) -> None:
+    """Tensors across several read pieces (CHUNK made small), odd header lengths: the pass sees every byte."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {f"t{i}": torch.randn(37 + i, 5).to(dt) for i, dt in enumerate([torch.float16, torch.float32] * 4)}
+    path = tmp_path / "many.safetensors"
+    save_file(tensors, str(path), metadata={"x": "y" * 13})
+    with open(path, "rb") as f:
+        data = f.read()
+    seen: dict[int, bytearray] = {}
+    spans = sorted(_spans(path).values())
+
+    def visit(i: int, piece: memoryview) -> None:
+        seen.setdefault(i, bytearray()).extend(piece)
+
+    import te_switch.core.digest as d
+
+    old, old_ring = d.CHUNK, d.RING
+    d.CHUNK, d.RING = 64, 2  # the ring runs out: some pieces are hashed from the file instead
+    try:
+        digest.sha256_visiting(str(path), spans, visit)
+        assert digest.sha256(str(path)) == hashlib.sha256(data).hexdigest()
+    finally:
+        d.CHUNK, d.RING = old, old_ring
+    assert {i: bytes(b) for i, b in seen.items()} == {i: data[b:e] for i, (b, e) in enumerate(spans)}
+
+
+def _spans(path: Path) -> dict[str, tuple[int, int]]:
+    from te_switch.core.readers import open_file
+
+    with open_file(path) as src:
+        return {k: src.span(k) for k in src.keys()}  # noqa: SIM118
 
 
 def test_a_file_changed_on_disk_is_hashed_again(tmp_path: Path, passes: list[str]) -> None:
@@ -97,6 +139,6 @@ def test_a_failed_hash_is_reported_to_whoever_waits_and_tried_again_next_time(
         return counting(p)
 
     monkeypatch.setattr(digest, "_hash", flaky)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="Input/output"):
         digest.sha256(str(path))
     assert digest.sha256(str(path)) == sha256(path)

@@ -41,16 +41,25 @@ from dataclasses import dataclass, field
 
 import torch
 
+from te_switch.core import digest
 from te_switch.core.convert import load_tower
 from te_switch.core.detect import TowerInfo
 from te_switch.core.errors import BadFileError, IncompatibleError, TESwitchError, one_line
-from te_switch.core import digest
 from te_switch.core.fingerprint import fingerprint, is_mapped, mapped_ranges, prefault
+from te_switch.core.layouts import layout_of
 from te_switch.core.library import file_identity
 from te_switch.core.longclip import stretch_positions
-from te_switch.core.readers import TensorSource, open_file
+from te_switch.core.readers import SafetensorsSource, TensorSource, open_file
 from te_switch.core.selection import KINDS_BY_SLOT, SLOT_LABELS, SlotChoice
-from te_switch.core.tensors import PRECISIONS, PackedTensor, Weight, all_finite, dense, is_compressed
+from te_switch.core.tensors import (
+    PRECISIONS,
+    SAFETENSORS_DTYPES,
+    PackedTensor,
+    Weight,
+    all_finite,
+    dense,
+    is_compressed,
+)
 
 Resize = Callable[[int], None]
 QUIET_BYTES = 4096  # CPU copies up to this size are kept without a console line
@@ -243,6 +252,47 @@ def remember_check(path: str, tower: TowerInfo, reason: str | None) -> None:
         _CHECKED[key] = reason
 
 
+def check_values_once(src: TensorSource, tower: TowerInfo, values: Mapping[str, Weight]) -> str | None:
+    """Why ``tower`` of ``src`` cannot be loaded for its values (NaN/Inf), or None; read once per file state.
+
+    A safetensors file is read once, start to end: the tower's tensors are checked as the bytes pass
+    and the file's sha256 (the infotext's short hash, ``core.digest``) is computed from the same read on
+    a second thread. Other formats are checked through ``values`` (their reader's tensors) while the
+    hash reads the same pages beside.
+    """
+    known, reason = checked_values(src.path, tower)
+    if known:
+        return reason
+    if isinstance(src, SafetensorsSource):
+        bad = _first_bad_stored(src, tower)
+    else:
+        digest.start(src.path)
+        bad = first_bad_value(values)
+    reason = None if bad is None else f"tensor {bad} holds NaN or Inf values"
+    remember_check(src.path, tower, reason)
+    return reason
+
+
+def _first_bad_stored(src: SafetensorsSource, tower: TowerInfo) -> str | None:
+    """One read of the file: its sha256, and the first float tensor of ``tower`` holding NaN/Inf."""
+    keys = layout_of(tower.layout, tower.family).keys(src.keys(), tower.prefix)
+    floats = sorted((src.span(k), k) for k in keys if SAFETENSORS_DTYPES[src.info(k).dtype].is_floating_point)
+    bad: list[str] = []
+
+    def visit(i: int, piece: memoryview) -> None:
+        key = floats[i][1]
+        values = torch.frombuffer(piece, dtype=torch.uint8).view(SAFETENSORS_DTYPES[src.info(key).dtype])
+        if not all_finite(values):
+            bad.append(key[len(tower.prefix) :])
+            raise digest.Stop
+
+    try:
+        digest.sha256_visiting(src.path, [span for span, _ in floats if span[1] > span[0]], visit)
+    except digest.Stop:
+        return bad[0]
+    return None
+
+
 def first_bad_value(values: Mapping[str, Weight]) -> str | None:
     """The first key whose values are not all finite; each distinct tensor is read once, none kept."""
     seen: set[int] = set()
@@ -332,6 +382,9 @@ class SwapEngine:
             canonical = load_tower(src, tower)
             host = slot.to_host(canonical)
             self._validate(slot, source, host)
+            reason = check_values_once(src, tower, host)
+        if reason is not None:
+            raise BadFileError(source.path, reason)
         return Prepared(request, host, identity)
 
     def _positions_of(self, slot: LiveSlot, host: Mapping[str, Weight]) -> int | None:
@@ -362,15 +415,6 @@ class SwapEngine:
                 raise IncompatibleError(f"{name}: {key} is {list(got)} but the {slot.label} slot needs {list(want)}")
         if new_positions is not None and slot.resize is None and new_positions != slot.positions():
             raise IncompatibleError(f"{name}: {new_positions} positions; this host's {slot.label} is fixed")
-        known, reason = checked_values(source.path, source.tower)
-        if not known:
-            # first read of this file: its sha256 (for the infotext) reads the same pages on another core
-            digest.start(source.path)
-            bad = first_bad_value(host)
-            reason = None if bad is None else f"tensor {bad} holds NaN or Inf values"
-            remember_check(source.path, source.tower, reason)
-        if reason is not None:
-            raise BadFileError(source.path, reason)
 
     # -- commit / restore ---------------------------------------------------------------------
 

@@ -298,22 +298,18 @@ def check_values(choice: EncoderChoice) -> None:
     """
     from te_switch.core.convert import load_tower
     from te_switch.core.readers import open_file
-    from te_switch.hosts.engine import checked_values, first_bad_value, remember_check
+    from te_switch.hosts.engine import check_values_once
 
     path = choice.file.path
     if not os.path.exists(path):
         raise EncoderNotFound(f"{choice.label}: no such file")
-    known, reason = checked_values(path, choice.tower)
-    if not known:
-        try:
-            with open_file(path) as src:
-                bad = first_bad_value(load_tower(src, choice.tower))
-            reason = f"tensor {bad} holds NaN or Inf values" if bad else None
-            remember_check(path, choice.tower, reason)
-        except TESwitchError as e:
-            reason = one_line(e)
-        except (OSError, RuntimeError, ValueError, KeyError) as e:
-            reason = one_line(e)
+    try:
+        with open_file(path) as src:
+            reason = check_values_once(src, choice.tower, load_tower(src, choice.tower))
+    except TESwitchError as e:
+        reason = one_line(e)
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        reason = one_line(e)
     if reason is not None:
         raise EncoderLookupError(reason if reason.startswith(choice.label) else f"{choice.label}: {reason}")
 
