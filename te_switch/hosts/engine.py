@@ -6,7 +6,8 @@ the slot's own weights came from (:class:`BuiltinSource`: the checkpoint, a sepa
 file, a pipeline folder). The engine then does the rest the same way everywhere:
 
 1. **prepare** — map the file to the slot's names and check every key, shape and value against the
-   live module, reading each tensor once through the file's mmap and keeping none of them. Nothing in
+   live module, reading the file once (a read that also gives its sha256, ``core.digest``) and keeping
+   none of its values. Nothing in
    the model is touched; any problem is a one-line :class:`IncompatibleError`/:class:`BadFileError`.
 2. **commit** — before the first swap of a slot, remember how to get its own tensors back (see
    below); then resize positions if a Long-CLIP needs it, and stream the file into the slot tensor by
