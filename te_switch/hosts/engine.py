@@ -574,7 +574,9 @@ class SwapEngine:
             kind = (slot.pack_kind or default_pack_kind)(owner) if keep_packed else None
             if kind is not None and is_compressed(value) and key.endswith(".weight"):
                 if owner not in mem.packed:
-                    lowbit.attach(owner, value, kind=kind, offload="cpu")
+                    # the slot's own weight is written back from its source at Built-in: free it meanwhile
+                    # (position tables stay: their row count is how the slot says its position count)
+                    lowbit.attach(owner, value, kind=kind, release=key not in slot.position_keys)
                     mem.packed.append(owner)
                 continue
             if id(target) in written:
