@@ -1,6 +1,7 @@
 """What a text-encoder swap and Built-in cost, against a raw read of the same file, at real shapes.
 
-    python benchmarks/bench_swap.py [--t5 fp16|fp8] [--t5-blocks N] [--cycles 20] [--repeats 3] [--dir DIR]
+    python benchmarks/bench_swap.py [--t5 fp16|fp8] [--t5-blocks N] [--file PATH] [--threads N]
+                                    [--cycles 20] [--repeats 3] [--dir DIR]
 
 Default: a real-shape CLIP-L (123M weights, fp16 file of 246 MB) into the CLIP-L slot of an SD1.5
 checkpoint's text encoder (a transformers ``CLIPTextModel`` at fp16, loaded from the checkpoint the way
@@ -8,15 +9,20 @@ A1111 loads one: copied into its own parameters). ``--t5 fp16|fp8``: a real-shap
 (d_model 4096, d_ff 10240, 64 heads; 24 blocks, or ``--t5-blocks N`` for a cut-down depth) into a T5
 slot already holding the checkpoint's T5 at fp16; fp8 is e4m3fn, kept packed at Auto. Files are
 written sparsely in ``--dir`` (default: a temporary folder, deleted afterwards) with random values in
-the first rows of every tensor. Run the real-size T5 under ``flock /work/rigs/.heavy.lock``.
+the first rows of every tensor. ``--file PATH``: swap in that file instead (a real T5-XXL or CLIP-L;
+its depth sets the checkpoint's). Run the real-size T5 under ``flock /work/rigs/.heavy.lock``.
+``--threads N``: torch's intra-op threads for the whole run (on a shared, oversubscribed machine one
+thread avoids OpenMP stalls that say nothing about the engine; the baseline uses none either way).
 
 Measured in one run, page cache warm for every file (each is read once before it is timed):
 
 * **raw read**: every tensor of the file read into freshly allocated memory (``readinto``): what any
   loader pays at least to have the file in RAM — the baseline;
 * **swap**: ``SwapEngine.apply`` with the file on first use: open, map, check every key/shape/value
-  (reading each tensor once), fingerprint the slot and prove its source (first swap only), stream
-  the file in; **restore**: Built-in from the checkpoint, proven against the fingerprint;
+  (reading each tensor once), start its sha256 beside (``core.digest``), fingerprint the slot and
+  prove its source (first swap only), stream the file in; **sha256 ready**: from the start of the
+  swap until the file's hash (the infotext's short hash) is known; **restore**: Built-in from the
+  checkpoint, proven against the fingerprint;
 * **peak extra anonymous memory**: ``RssAnon`` (/proc/self/status) sampled every 2 ms during the
   operation, minus the larger of before/after, as a share of the file size;
 * **cycles**: ``RssAnon`` after N swap/restore cycles against after the first one (must not grow).
@@ -42,9 +48,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from te_switch.core import digest
 from te_switch.core.detect import inspect_path
 from te_switch.core.readers import open_file
 from te_switch.core.selection import SlotChoice
+from te_switch.hosts import engine as engine_mod
 from te_switch.hosts.engine import BuiltinSource, EncoderSource, SlotRequest, SwapEngine
 from te_switch.hosts.slots import hf_clip_slot, t5_slot
 
@@ -173,13 +181,14 @@ def raw_read(path: str) -> float:
     return elapsed
 
 
-def timed_with_memory(fn: Callable[[], object]) -> tuple[float, int]:
+def timed_with_memory(fn: Callable[[], object]) -> tuple[float, int, int]:
+    """(seconds, peak extra RssAnon over the larger of before/after, RssAnon after − before)."""
     trim()
     with peak_anon() as mem:
         started = time.perf_counter()
         fn()
         elapsed = time.perf_counter() - started
-    return elapsed, mem["peak"] - max(mem["before"], mem["after"])
+    return elapsed, mem["peak"] - max(mem["before"], mem["after"]), mem["after"] - mem["before"]
 
 
 def build_slot(kind: str, ckpt: str, blocks: int) -> tuple[object, BuiltinSource]:
@@ -191,7 +200,7 @@ def build_slot(kind: str, ckpt: str, blocks: int) -> tuple[object, BuiltinSource
 
         with torch.device("meta"):
             model = CLIPTextModel(CLIPTextConfig(**CLIP_L))
-        model = model.to_empty(device="cpu").half()
+        model = model.half().to_empty(device="cpu")  # fp16 from the start: no fp32 model on the way
         prefix = "cond_stage_model.transformer."
         slot = hf_clip_slot("clip_l", model)
     else:
@@ -199,7 +208,7 @@ def build_slot(kind: str, ckpt: str, blocks: int) -> tuple[object, BuiltinSource
 
         with torch.device("meta"):
             model = T5EncoderModel(T5Config(num_layers=blocks, **T5_XXL))
-        model = model.to_empty(device="cpu").half()
+        model = model.half().to_empty(device="cpu")
         prefix = ""
         slot = t5_slot("t5xxl", model)
     live = slot.live_tensors()
@@ -222,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--t5", choices=("fp16", "fp8"), help="a T5-XXL file of this dtype into a T5 slot")
     parser.add_argument("--t5-blocks", type=int, default=24, help="T5 depth (24 = real T5-XXL)")
+    parser.add_argument("--file", help="swap in this file (a real T5-XXL / CLIP-L) instead of a generated one")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--cycles", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", help="where to write the files (default: a temporary folder, deleted)")
@@ -229,20 +240,30 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.dir or tempfile.mkdtemp(prefix="te_switch_bench_swap_")
     os.makedirs(folder, exist_ok=True)
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    given = inspect_path(args.file)[0] if args.file else None
+    if given is not None and given.family == "t5":
+        args.t5, args.t5_blocks = args.t5 or "fp16", given.layers
     try:
         ckpt = os.path.join(folder, "checkpoint.safetensors")
-        incoming = os.path.join(folder, "incoming.safetensors")
+        incoming = args.file or os.path.join(folder, "incoming.safetensors")
         if args.t5:
-            kind, label = "t5", f"T5-XXL {args.t5} ({args.t5_blocks} blocks)"
+            stored = ",".join(given.dtypes) if given is not None else args.t5
+            kind, label = "t5", f"T5-XXL {stored} ({args.t5_blocks} blocks)"
             write_sparse(ckpt, t5_shapes(args.t5_blocks, torch.float16), 1)
             dtype = torch.float16 if args.t5 == "fp16" else torch.float8_e4m3fn
-            write_sparse(incoming, t5_shapes(args.t5_blocks, dtype), 2)
+            if given is None:
+                write_sparse(incoming, t5_shapes(args.t5_blocks, dtype), 2)
         else:
             kind, label = "clip", "CLIP-L fp16 into SD1.5"
             shapes = clip_shapes("cond_stage_model.transformer.")
             shapes["model.diffusion_model.out.0.weight"] = ((320, 320), torch.float16)
             write_sparse(ckpt, shapes, 1)
-            write_sparse(incoming, clip_shapes(""), 2)
+            if given is None:
+                write_sparse(incoming, clip_shapes(""), 2)
+        if given is not None:
+            label += f" — {os.path.basename(incoming)}"
         size = os.path.getsize(incoming)
         slot, builtin = build_slot(kind, ckpt, args.t5_blocks)
         tower = next(t for t in inspect_path(incoming) if t.family)
@@ -255,22 +276,34 @@ def main(argv: list[str] | None = None) -> int:
         def restore() -> None:
             engine.apply([SlotRequest(slot, SlotChoice(None), None, None, lambda: builtin)])
 
-        rows: dict[str, list[tuple[float, int]]] = {"raw read": [], "swap (first use)": [], "restore": []}
+        rows: dict[str, list[tuple[float, int, int]]] = {
+            "raw read": [],
+            "swap (first use)": [],
+            "sha256 ready": [],
+            "restore": [],
+        }
         for _ in range(args.repeats):
-            from te_switch.hosts import engine as engine_mod
-
-            engine_mod._CHECKED.clear()
-            rows["raw read"].append((raw_read(incoming), 0))
+            engine_mod._CHECKED.clear()  # first use: values checked and the file hashed again
+            digest._known.clear()
+            rows["raw read"].append((raw_read(incoming), 0, 0))
+            started = time.perf_counter()
             rows["swap (first use)"].append(timed_with_memory(swap))
+            digest.sha256(incoming)  # joins the hash the swap started
+            rows["sha256 ready"].append((time.perf_counter() - started, 0, 0))
             raw_read(ckpt)  # page cache warm for the restore, as for the baseline
             rows["restore"].append(timed_with_memory(restore))
-        base = min(t for t, _ in rows["raw read"])
+        base = min(t for t, _, _ in rows["raw read"])
         print(f"{label}: file {size / 1e6:.0f} MB, {torch.get_num_threads()} threads, best of {args.repeats}")
-        print(f"{'operation':<18} {'best':>8} {'vs raw read':>12} {'peak extra anon':>16} {'÷ file':>7}")
+        head = f"{'operation':<18} {'best':>8} {'vs raw read':>12} {'peak extra anon':>16} {'÷ file':>7}"
+        print(head + f" {'anon after−before':>18}")
         for name, values in rows.items():
-            best = min(t for t, _ in values)
-            peak = max(m for _, m in values)
-            print(f"{name:<18} {best:>7.2f}s {best / base:>11.2f}x {peak / 1e6:>13.1f} MB {peak / size:>6.1%}")
+            best = min(t for t, _, _ in values)
+            peak = max(m for _, m, _ in values)
+            kept = max(k for _, _, k in values)
+            print(
+                f"{name:<18} {best:>7.2f}s {best / base:>11.2f}x {peak / 1e6:>13.1f} MB {peak / size:>6.1%}"
+                f" {kept / 1e6:>15.1f} MB"
+            )
         print(f"CPU copies kept by the engine while swapped: {engine.kept_bytes(slot)} bytes")
         swap()
         restore()

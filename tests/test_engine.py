@@ -627,6 +627,10 @@ def test_compressed_t5_stays_packed_at_auto_and_encodes_like_dense(tmp_path: Pat
             assert not lowbit.is_attached(m), name
             assert torch.isfinite(m.weight).all(), name
     assert 0 < lowbit.compressed_bytes(model) < lowbit.dense_bytes(model)
+    # the slot's own weights are not kept beside the packed ones: Built-in writes them back from the source
+    originals = [m.__dict__["_te_switch_lowbit"].original for n, m in model.named_modules() if n in packed]
+    assert originals
+    assert all(o.numel() == 0 for o in originals)
     ids = t5_ids()
     for got, want in zip(t5_encode(model, ids), t5_encode(oracle, ids), strict=True):
         assert torch.equal(got, want)

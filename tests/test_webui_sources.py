@@ -4,7 +4,8 @@ swap engine and the infotext share (``te_switch.webui.sources``).
 The host here is a real ``HostAdapter`` over tiny HF CLIP towers with its own ``SwapEngine``, so
 ``base.apply`` -> ``requests`` -> the engine's prepare/commit run as they do on a WebUI. What is
 counted is the work a resolution costs: the library lookup (``library.lookup``), hashing a file
-(``core.library.sha256_of``) and reading a tower's values (``engine.first_bad_value``).
+(``core.digest``, alone or in the values read) and reading a tower's values (``engine.remember_check``
+records each read).
 """
 
 from __future__ import annotations
@@ -61,30 +62,38 @@ class Work:
     """What resolving costs, counted: lookups per slot, hashes per file, value reads per tower."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        from te_switch.core import library as core_library
+        from te_switch.core import digest
         from te_switch.hosts import engine
         from te_switch.webui import library
 
         self.lookups: Counter[str] = Counter()
         self.hashes: Counter[str] = Counter()
         self.reads = 0
-        lookup, sha256_of, first_bad_value = library.lookup, core_library.sha256_of, engine.first_bad_value
+        lookup, remember_check = library.lookup, engine.remember_check
+        hash_alone, hash_visiting = digest._hash, digest.sha256_visiting
 
         def counted_lookup(value: str, slot: str | None = None) -> Any:
             self.lookups[str(slot)] += 1
             return lookup(value, slot)
 
-        def counted_sha256(path: str) -> str:
+        def counted_hash(path: str) -> str:
             self.hashes[Path(path).name] += 1
-            return sha256_of(path)
+            return hash_alone(path)
 
-        def counted_read(values: Any) -> str | None:
+        def counted_hash_visiting(path: str, *args: Any) -> Any:
+            self.hashes[Path(path).name] += 1
+            return hash_visiting(path, *args)
+
+        def counted_read(*args: Any) -> None:  # every values read of a tower ends in recording its result
             self.reads += 1
-            return first_bad_value(values)
+            remember_check(*args)
 
+        monkeypatch.setattr(digest, "_known", {})  # each test hashes from scratch
+        monkeypatch.setattr(digest, "_running", {})
         monkeypatch.setattr(library, "lookup", counted_lookup)
-        monkeypatch.setattr(core_library, "sha256_of", counted_sha256)
-        monkeypatch.setattr(engine, "first_bad_value", counted_read)
+        monkeypatch.setattr(digest, "_hash", counted_hash)
+        monkeypatch.setattr(digest, "sha256_visiting", counted_hash_visiting)
+        monkeypatch.setattr(engine, "remember_check", counted_read)
 
     def reset(self) -> None:
         self.lookups.clear()

@@ -2,23 +2,23 @@
 
 Scanning reads headers only and remembers what it learnt per (path, size, mtime), in memory and
 optionally in a JSON file, so a rescan of an unchanged folder only ``stat``s. Short hashes are the
-WebUI's checkpoint convention: the first 10 hex digits of the file's sha256, computed once.
+WebUI's checkpoint convention: the first 10 hex digits of the file's sha256, computed once
+(``core.digest``: a swap that read the file first has already hashed it, beside its own read).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
 from dataclasses import dataclass, field
 
 from te_switch.core.detect import TowerInfo, inspect_path
+from te_switch.core.digest import sha256 as sha256_of  # once per file state, shared with the swap engine
 from te_switch.core.errors import TESwitchError
 from te_switch.core.readers import INDEX_SUFFIX, iter_weight_files
 
 CACHE_VERSION = 1
-HASH_CHUNK = 1 << 20
 SHORT_HASH_LEN = 10
 
 
@@ -76,15 +76,6 @@ def file_identity(path: str) -> tuple[int, float]:
         size += s.st_size
         mtime = max(mtime, s.st_mtime)
     return size, mtime
-
-
-def sha256_of(path: str) -> str:
-    """Full sha256 of a file (for a sharded index: of the index file, as WebUIs hash what they list)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class EncoderLibrary:

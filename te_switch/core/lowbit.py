@@ -84,6 +84,7 @@ def attach(
     dtype: torch.dtype | None = None,
     kind: str | None = None,
     offload: torch.device | str | None = None,
+    release: bool = False,
 ) -> None:
     """Make ``module`` compute with ``weight`` kept compressed (see the module docstring).
 
@@ -91,6 +92,9 @@ def attach(
     weight's dtype, which must then be float16/bfloat16/float32/float64). ``kind``: ``'linear'`` or
     ``'embedding'`` for modules that are neither ``nn.Linear`` nor ``nn.Embedding`` but use their
     ``weight`` the same way. ``offload``: where to park the original weight while attached.
+    ``release``: the original Parameter keeps its identity but gives up its storage (an empty tensor of
+    its dtype on its device) — for a caller that writes it back after :func:`detach` (the swap engine
+    re-reads the built-in weights from their file), so the slot's own weights cost nothing meanwhile.
     Attaching to an attached module swaps the compressed weight and keeps what ``detach`` restores.
     """
     packed = _as_packed(weight)
@@ -105,7 +109,8 @@ def attach(
         return
 
     original = module._parameters["weight"]
-    if original is not None and tuple(original.shape) != tuple(packed.shape):
+    released = original is not None and original.numel() == 0  # a tied weight another module released
+    if original is not None and not released and tuple(original.shape) != tuple(packed.shape):
         raise ValueError(f"weight shape {list(packed.shape)} does not match the module's {list(original.shape)}")
     if dtype is None and original is not None and original.dtype in COMPUTE_DTYPES:
         dtype = original.dtype
@@ -120,9 +125,10 @@ def attach(
     state = _Lowbit(kind, packed.qtype, packed.shape, packed.raw.dtype, None, None, placeholder, dtype, original)
     # copies that can run out of memory happen before the module is touched, so a failure leaves it as it was
     data, scale = _to_bytes(packed, device)
-    parked = original.data.to(offload) if offload is not None and not on_meta else None
-    if parked is not None:
-        original.data = parked
+    if release and not on_meta:
+        original.data = torch.empty(0, dtype=original.dtype, device=original.device)
+    elif offload is not None and not on_meta:
+        original.data = original.data.to(offload)
     module._parameters["weight"] = placeholder  # same key, same position in named_parameters()
     _install(module, state, packed, data, scale)
     state.saved_attrs = {name: module.__dict__[name] for name in _OVERRIDDEN if name in module.__dict__}

@@ -89,6 +89,11 @@ class SafetensorsSource(TensorSource):
     def info(self, key: str) -> TensorInfo:
         return self._entries[key][0]
 
+    def span(self, key: str) -> tuple[int, int]:
+        """Where ``key``'s bytes lie in the file (absolute offsets, end exclusive)."""
+        _, begin, end = self._entries[key]
+        return self.data_start + begin, self.data_start + end
+
     def load(self, key: str) -> torch.Tensor:
         info, begin, end = self._entries[key]
         dtype = SAFETENSORS_DTYPES[info.dtype]

@@ -6,7 +6,8 @@ the slot's own weights came from (:class:`BuiltinSource`: the checkpoint, a sepa
 file, a pipeline folder). The engine then does the rest the same way everywhere:
 
 1. **prepare** — map the file to the slot's names and check every key, shape and value against the
-   live module, reading each tensor once through the file's mmap and keeping none of them. Nothing in
+   live module, reading the file once (a read that also gives its sha256, ``core.digest``) and keeping
+   none of its values. Nothing in
    the model is touched; any problem is a one-line :class:`IncompatibleError`/:class:`BadFileError`.
 2. **commit** — before the first swap of a slot, remember how to get its own tensors back (see
    below); then resize positions if a Long-CLIP needs it, and stream the file into the slot tensor by
@@ -41,15 +42,25 @@ from dataclasses import dataclass, field
 
 import torch
 
+from te_switch.core import digest
 from te_switch.core.convert import load_tower
 from te_switch.core.detect import TowerInfo
 from te_switch.core.errors import BadFileError, IncompatibleError, TESwitchError, one_line
-from te_switch.core.fingerprint import fingerprint, is_mapped, mapped_ranges
+from te_switch.core.fingerprint import fingerprint, is_mapped, mapped_ranges, prefault
+from te_switch.core.layouts import layout_of
 from te_switch.core.library import file_identity
 from te_switch.core.longclip import stretch_positions
-from te_switch.core.readers import TensorSource, open_file
+from te_switch.core.readers import SafetensorsSource, TensorSource, open_file
 from te_switch.core.selection import KINDS_BY_SLOT, SLOT_LABELS, SlotChoice
-from te_switch.core.tensors import PRECISIONS, PackedTensor, Weight, all_finite, dense, is_compressed
+from te_switch.core.tensors import (
+    PRECISIONS,
+    SAFETENSORS_DTYPES,
+    PackedTensor,
+    Weight,
+    all_finite,
+    dense,
+    is_compressed,
+)
 
 Resize = Callable[[int], None]
 QUIET_BYTES = 4096  # CPU copies up to this size are kept without a console line
@@ -270,6 +281,47 @@ def remember_check(path: str, tower: TowerInfo, reason: str | None) -> None:
         _CHECKED[key] = reason
 
 
+def check_values_once(src: TensorSource, tower: TowerInfo, values: Mapping[str, Weight]) -> str | None:
+    """Why ``tower`` of ``src`` cannot be loaded for its values (NaN/Inf), or None; read once per file state.
+
+    A safetensors file is read once, start to end: the tower's tensors are checked as the bytes pass
+    and the file's sha256 (the infotext's short hash, ``core.digest``) is computed from the same read on
+    a second thread. Other formats are checked through ``values`` (their reader's tensors) while the
+    hash reads the same pages beside.
+    """
+    known, reason = checked_values(src.path, tower)
+    if known:
+        return reason
+    if isinstance(src, SafetensorsSource):
+        bad = _first_bad_stored(src, tower)
+    else:
+        digest.start(src.path)
+        bad = first_bad_value(values)
+    reason = None if bad is None else f"tensor {bad} holds NaN or Inf values"
+    remember_check(src.path, tower, reason)
+    return reason
+
+
+def _first_bad_stored(src: SafetensorsSource, tower: TowerInfo) -> str | None:
+    """One read of the file: its sha256, and the first float tensor of ``tower`` holding NaN/Inf."""
+    keys = layout_of(tower.layout, tower.family).keys(src.keys(), tower.prefix)
+    floats = sorted((src.span(k), k) for k in keys if SAFETENSORS_DTYPES[src.info(k).dtype].is_floating_point)
+    bad: list[str] = []
+
+    def visit(i: int, piece: memoryview) -> None:
+        key = floats[i][1]
+        values = torch.frombuffer(piece, dtype=torch.uint8).view(SAFETENSORS_DTYPES[src.info(key).dtype])
+        if not all_finite(values):
+            bad.append(key[len(tower.prefix) :])
+            raise digest.Stop
+
+    try:
+        digest.sha256_visiting(src.path, [span for span, _ in floats if span[1] > span[0]], visit)
+    except digest.Stop:
+        return bad[0]
+    return None
+
+
 def first_bad_value(values: Mapping[str, Weight]) -> str | None:
     """The first key whose values are not all finite; each distinct tensor is read once, none kept."""
     seen: set[int] = set()
@@ -280,6 +332,7 @@ def first_bad_value(values: Mapping[str, Weight]) -> str | None:
         if isinstance(value, PackedTensor):
             ok = all(all_finite(dense(part)) for part in _row_chunks(value))
         else:
+            prefault(value)
             ok = all_finite(value)
         if not ok:
             return key
@@ -358,6 +411,9 @@ class SwapEngine:
             canonical = load_tower(src, tower)
             host = slot.to_host(canonical)
             self._validate(slot, source, host)
+            reason = check_values_once(src, tower, host)
+        if reason is not None:
+            raise BadFileError(source.path, reason)
         return Prepared(request, host, identity)
 
     def _positions_of(self, slot: LiveSlot, host: Mapping[str, Weight]) -> int | None:
@@ -388,13 +444,6 @@ class SwapEngine:
                 raise IncompatibleError(f"{name}: {key} is {list(got)} but the {slot.label} slot needs {list(want)}")
         if new_positions is not None and slot.resize is None and new_positions != slot.positions():
             raise IncompatibleError(f"{name}: {new_positions} positions; this host's {slot.label} is fixed")
-        known, reason = checked_values(source.path, source.tower)
-        if not known:
-            bad = first_bad_value(host)
-            reason = None if bad is None else f"tensor {bad} holds NaN or Inf values"
-            remember_check(source.path, source.tower, reason)
-        if reason is not None:
-            raise BadFileError(source.path, reason)
 
     # -- commit / restore ---------------------------------------------------------------------
 
@@ -553,7 +602,9 @@ class SwapEngine:
             kind = (slot.pack_kind or default_pack_kind)(owner) if keep_packed else None
             if kind is not None and is_compressed(value) and key.endswith(".weight"):
                 if owner not in mem.packed:
-                    lowbit.attach(owner, value, kind=kind, offload="cpu")
+                    # the slot's own weight is written back from its source at Built-in: free it meanwhile
+                    # (position tables stay: their row count is how the slot says its position count)
+                    lowbit.attach(owner, value, kind=kind, release=key not in slot.position_keys)
                     mem.packed.append(owner)
                 continue
             if id(target) in written:
@@ -731,6 +782,7 @@ class _Writes:
             self.flush()
             self.owner = owner
         value = dense(value) if isinstance(value, PackedTensor) else value
+        prefault(value)
         with torch.no_grad():
             if is_mapped(target, self.ranges) or tuple(target.shape) != tuple(value.shape):
                 new = value.to(device=target.device, dtype=dtype)

@@ -134,17 +134,15 @@ def check_values(src: EncoderSource) -> None:
     """
     from te_switch.core.convert import load_tower
     from te_switch.core.readers import open_file
-    from te_switch.hosts.engine import first_bad_value, remember_check
+    from te_switch.hosts.engine import check_values_once
 
     if not os.path.exists(src.path):
         raise library.EncoderNotFound(f"{src.label}: no such file")
     known, reason = src.checked()
     if not known:
         try:
-            with open_file(src.path) as opened:
-                bad = first_bad_value(load_tower(opened, src.tower))
-            reason = f"tensor {bad} holds NaN or Inf values" if bad else None
-            remember_check(src.path, src.tower, reason)
+            with open_file(src.path) as opened:  # one read: the values and the file's sha256
+                reason = check_values_once(opened, src.tower, load_tower(opened, src.tower))
         except (TESwitchError, OSError, RuntimeError, ValueError, KeyError) as e:
             reason = one_line(e)
     if reason is not None:
