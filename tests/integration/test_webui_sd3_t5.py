@@ -101,7 +101,7 @@ def master(depth: int, seed: int = 31) -> dict[str, Any]:
 
 
 def with_embed(sd: dict[str, Any]) -> dict[str, Any]:
-    return {**sd, EMBED: sd["shared.weight"]}
+    return {**sd, EMBED: sd["shared.weight"].clone()}  # safetensors refuses tensors that share memory
 
 
 def write_format(folder: Path, fmt: str, sd: dict[str, Any]) -> tuple[Path, Callable[[], dict[str, Any]]]:
