@@ -19,7 +19,8 @@ Needs, besides ``TE_SWITCH_WEBUI_URL`` and ``TE_SWITCH_WEBUI_MODELS`` (see test_
   too (``*-as-is``): the differences by design are printed.
 
 The T5 files are written here at real width (4096 / 10240 / 64 heads / 32128 tokens) with as many blocks
-as the host's own T5 file, random weights of one seed in every format.
+as the host's own T5 file, random weights of one seed in every format (``TE_SWITCH_SD3_T5_FORMATS``:
+a comma-separated subset of ``ALL_FORMATS``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ RECORD = bool(os.environ.get("TE_SWITCH_RECORD_BASELINE"))
 MODELS = os.environ.get("TE_SWITCH_WEBUI_MODELS", "")
 NO_NORM = {"emphasis": "No norm"}  # see test_webui_families.py: "Original" can be 0/0 on random checkpoints
 REQUEST = {"steps": 3, "cfg_scale": 5, "prompt": "a red cat on a blue chair, photo", "seed": 77}
-FORMATS = ["fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2", "fp8_scaled", "gguf_q8_0", "sharded_bf16"]
+ALL_FORMATS = "fp16,bf16,fp32,fp8_e4m3fn,fp8_e5m2,fp8_scaled,gguf_q8_0,sharded_bf16"
+FORMATS = os.environ.get("TE_SWITCH_SD3_T5_FORMATS", ALL_FORMATS).split(",")  # a subset for a quick run
 AS_IS = ["fp16", "fp8_scaled"]  # safetensors stock A1111 can read, but not as T5 files mean them
 EMBED = "encoder.embed_tokens.weight"
 FOLDER = "te-switch-it-sd3"
