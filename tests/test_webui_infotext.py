@@ -163,3 +163,28 @@ def test_api_dict_from_infotext(webui: dict[str, Path]) -> None:  # noqa: F811
     }  # fmt: skip
     text = infotext_for({})
     assert infotext.read(text, infotext_utils.parse_generation_parameters(text)).as_dict()["clip_skip"] == "Auto"
+
+
+def test_t5_entries_paste_back_gguf_and_sharded(webui: dict[str, Path]) -> None:  # noqa: F811
+    """SD3/Flux's T5 slot: a GGUF file and a sharded folder are written and pasted like any CLIP file."""
+    import filemakers as fm
+
+    from te_switch.webui import infotext, library
+
+    fm.write_sparse_gguf(webui["clip"] / "t5xxl-Q8_0.gguf", fm.gguf_t5_spec(*fm.T5_XXL))
+    spec = fm.t5_spec(*fm.T5_XXL, dtype="BF16")
+    keys = sorted(spec)
+    fm.write_sharded(webui["clip"] / "t5-sharded", [{k: spec[k] for k in keys[:9]}, {k: spec[k] for k in keys[9:]}],
+                     sparse=True)  # fmt: skip
+    library.refresh()
+    sharded = next(label for label in library.labels_for("t5xxl") if "t5-sharded" in label)
+    for label in ("t5xxl-Q8_0.gguf", sharded):
+        sel = Selection(slots={"t5xxl": SlotChoice(label, "fp32")})
+        written = infotext.entries(sel)
+        digest = library.short_hash(library.lookup(label))
+        assert written == {"TE T5-XXL": f"{label} [{digest}]", "TE T5-XXL precision": "fp32"}
+        params = paste(infotext_for(written))
+        assert params["TE T5-XXL"].startswith(f"{label} (T5-XXL")
+        assert params["TE T5-XXL precision"] == "fp32"
+        assert params["TE CLIP-L"] == "Built-in"
+        assert infotext.PASTE_STATUS not in params

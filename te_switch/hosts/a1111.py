@@ -134,8 +134,11 @@ class A1111Adapter(HostAdapter):
             family == "sdxl" and opts.sdxl_clip_l_skip is True
         ):
             notes.append("replaces A1111's Clip skip setting")
-        if family == "sd3" and "t5xxl" not in _text_towers(model):
-            notes.append("T5 off (Settings → Stable Diffusion 3 → Enable T5, then reload the model)")
+        if family == "sd3":
+            if "t5xxl" in _text_towers(model) and getattr(opts, "sd3_enable_t5", False):
+                notes.append("T5-XXL: every layer (clip skip is for CLIP)")
+            else:
+                notes.append("T5 off (Settings → Stable Diffusion 3 → Enable T5, then reload the model)")
         return "; ".join(notes) or None
 
     # -- after the model changed -----------------------------------------------------------------
@@ -248,6 +251,7 @@ class A1111Adapter(HostAdapter):
             from modules.models.sd3 import sd3_cond
 
             targets.append((sd3_cond.Sd3ClipLG, "encode_with_transformers", self._sd3_patch))
+            targets.append((sd3_cond.Sd3T5, "forward", self._sd3_t5_patch))
         except ImportError:
             pass  # before 1.10: no SD3
         return targets
@@ -289,6 +293,20 @@ class A1111Adapter(HostAdapter):
                 return original(wrapper, tokens)
 
         return encode_with_transformers
+
+    def _sd3_t5_patch(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def forward(wrapper: Any, texts: Any, *, token_count: int) -> torch.Tensor:
+            t5 = getattr(wrapper, "t5xxl", None)
+            dtype = self.slot_dtype("t5xxl", t5.transformer) if t5 is not None else None
+            if dtype is None:
+                return original(wrapper, texts, token_count=token_count)
+            # A1111's T5 casts its embeddings to fp32 and computes in fp32 whatever its weights hold
+            # (that is Auto); an explicit precision computes in that dtype. SDClipModel returns fp32.
+            with _own_precision(dtype, t5.transformer), _t5_activations(t5.transformer, dtype):
+                return original(wrapper, texts, token_count=token_count)
+
+        return forward
 
     def _cached_params_patch(self, original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
@@ -401,10 +419,18 @@ def _slot_for(name: str, module: torch.nn.Module) -> LiveSlot:
     if hasattr(module, "positional_embedding"):
         slot = openclip_slot(name, module)
     elif hasattr(getattr(module, "encoder", None), "block"):
-        slot = t5_slot(name, module)
+        # SD3's own T5 (other_impls): A1111 holds every weight dense in the model's dtype and computes in
+        # fp32, so a compressed file (fp8, scaled fp8, GGUF) is expanded into it once, as A1111 itself
+        # would load it; its AutocastLinear casts `wo` to the activations' dtype, so no fp32 `wo` either
+        slot = dataclasses.replace(t5_slot(name, module), pack_kind=_dense, keep_fp32=frozenset())
     else:
         slot = hf_clip_slot(name, module)
     return _through_hijack(slot)
+
+
+def _dense(module: torch.nn.Module) -> str | None:
+    """No layer keeps a compressed weight (``LiveSlot.pack_kind``)."""
+    return None
 
 
 def _through_hijack(slot: LiveSlot) -> LiveSlot:
@@ -541,6 +567,22 @@ def _own_precision(dtype: torch.dtype | None, module: torch.nn.Module) -> Iterat
 
     with autocast_off(*{p.device for p in module.parameters()}, devices.device), _manual_cast_lifted():
         yield
+
+
+@contextlib.contextmanager
+def _t5_activations(t5: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """SD3's ``T5Stack`` casts its embeddings to fp32 before the first block: cast them on to ``dtype``."""
+    blocks = t5.encoder.block
+
+    def cast(module: torch.nn.Module, args: tuple) -> tuple:
+        return (args[0].to(dtype), *args[1:])
+
+    handle = blocks[0].register_forward_pre_hook(cast) if len(blocks) else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 @contextlib.contextmanager

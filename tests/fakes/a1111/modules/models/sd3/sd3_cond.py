@@ -4,14 +4,41 @@
 Widths are small (``CLIPL_CONFIG``/``CLIPG_CONFIG``/``T5_CONFIG``), depths real for the CLIPs; the
 L+G output is padded to T5's width (the real code pads to 4096, which is T5-XXL's width).
 Tokenizers come from ``fake_thirdparty``; ``SD3Tokenizer`` (unused by A1111's encode path) is not faked.
+``before_load_weights`` is the real one: a tower the checkpoint lacks is read from
+``models/CLIP/{clip_g,clip_l,t5xxl_fp16}.safetensors`` (``modelloader`` never downloads here), with
+the real strictness (CLIP-G strict, CLIP-L and T5 not: a T5 file holding only ``shared.weight`` leaves
+``encoder.embed_tokens`` as it was).
 """
 
 from __future__ import annotations
 
+import os
+import typing
+
 import fake_thirdparty
+import safetensors
 import torch
-from modules import devices, prompt_parser, sd_hijack_clip, shared, shared_options  # noqa: F401
+from modules import devices, modelloader, prompt_parser, sd_hijack_clip, shared, shared_options  # noqa: F401
 from modules.models.sd3.other_impls import SDClipModel, SDXLClipG, T5XXLModel
+
+
+class SafetensorsMapping(typing.Mapping):
+    def __init__(self, file):
+        self.file = file
+
+    def __len__(self):
+        return len(self.file.keys())
+
+    def __iter__(self):
+        yield from self.file.keys()
+
+    def __getitem__(self, key):
+        return self.file.get_tensor(key)
+
+
+CLIPL_URL = "https://huggingface.co/AUTOMATIC/stable-diffusion-3-medium-text-encoders/resolve/main/clip_l.safetensors"
+CLIPG_URL = "https://huggingface.co/AUTOMATIC/stable-diffusion-3-medium-text-encoders/resolve/main/clip_g.safetensors"
+T5_URL = "https://huggingface.co/AUTOMATIC/stable-diffusion-3-medium-text-encoders/resolve/main/t5xxl_fp16.safetensors"
 
 CLIPL_CONFIG = {
     "hidden_act": "quick_gelu",
@@ -136,7 +163,22 @@ class SD3Cond(torch.nn.Module):
         return {"crossattn": lgt_out, "vector": vector_out}
 
     def before_load_weights(self, state_dict):
-        """The real one downloads missing encoders into models/CLIP; fake checkpoints always hold them."""
+        clip_path = os.path.join(shared.models_path, "CLIP")
+
+        if "text_encoders.clip_g.transformer.text_model.embeddings.position_embedding.weight" not in state_dict:
+            clip_g_file = modelloader.load_file_from_url(CLIPG_URL, model_dir=clip_path, file_name="clip_g.safetensors")
+            with safetensors.safe_open(clip_g_file, framework="pt") as file:
+                self.clip_g.transformer.load_state_dict(SafetensorsMapping(file))
+
+        if "text_encoders.clip_l.transformer.text_model.embeddings.position_embedding.weight" not in state_dict:
+            clip_l_file = modelloader.load_file_from_url(CLIPL_URL, model_dir=clip_path, file_name="clip_l.safetensors")
+            with safetensors.safe_open(clip_l_file, framework="pt") as file:
+                self.clip_l.transformer.load_state_dict(SafetensorsMapping(file), strict=False)
+
+        if self.t5xxl and "text_encoders.t5xxl.transformer.encoder.embed_tokens.weight" not in state_dict:
+            t5_file = modelloader.load_file_from_url(T5_URL, model_dir=clip_path, file_name="t5xxl_fp16.safetensors")
+            with safetensors.safe_open(t5_file, framework="pt") as file:
+                self.t5xxl.transformer.load_state_dict(SafetensorsMapping(file), strict=False)
 
     def encode_embedding_init_text(self, init_text, nvpt):
         return self.model_lg.encode_embedding_init_text(init_text, nvpt)
