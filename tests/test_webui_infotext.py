@@ -169,7 +169,7 @@ def test_t5_entries_paste_back_gguf_and_sharded(webui: dict[str, Path]) -> None:
     """SD3/Flux's T5 slot: a GGUF file and a sharded folder are written and pasted like any CLIP file."""
     import filemakers as fm
 
-    from te_switch.webui import infotext, library
+    from te_switch.webui import infotext, library, sources
 
     fm.write_sparse_gguf(webui["clip"] / "t5xxl-Q8_0.gguf", fm.gguf_t5_spec(*fm.T5_XXL))
     spec = fm.t5_spec(*fm.T5_XXL, dtype="BF16")
@@ -180,8 +180,8 @@ def test_t5_entries_paste_back_gguf_and_sharded(webui: dict[str, Path]) -> None:
     sharded = next(label for label in library.labels_for("t5xxl") if "t5-sharded" in label)
     for label in ("t5xxl-Q8_0.gguf", sharded):
         sel = Selection(slots={"t5xxl": SlotChoice(label, "fp32")})
-        written = infotext.entries(sel)
-        digest = library.short_hash(library.lookup(label))
+        written = infotext.entries(sources.resolve(sel))
+        digest = sources.short_hash(sources.source(label, "t5xxl"))
         assert written == {"TE T5-XXL": f"{label} [{digest}]", "TE T5-XXL precision": "fp32"}
         params = paste(infotext_for(written))
         assert params["TE T5-XXL"].startswith(f"{label} (T5-XXL")
