@@ -205,9 +205,10 @@ class A1111Adapter(HostAdapter):
         if tower is None or module is None:
             return None
         live = set(module.state_dict().keys())
+        built = _sd3_built(module) if getattr(model, "is_sd3", False) else {}
 
         def to_host(sd: Mapping[str, Weight]) -> dict[str, Weight]:
-            return {_stored_key(key, live): value for key, value in sd.items()}
+            return {**built, **{_stored_key(key, live): value for key, value in sd.items()}}
 
         half = None if getattr(shared.cmd_opts, "no_half", False) else torch.float16
         return BuiltinSource(str(path), tower, cast_via=half, to_host=to_host, stored_names=True)
@@ -444,6 +445,20 @@ def _through_hijack(slot: LiveSlot) -> LiveSlot:
         return {_live_key(key, live): value for key, value in to_host(sd).items()}
 
     return dataclasses.replace(slot, to_host=through)
+
+
+def _sd3_built(module: torch.nn.Module) -> dict[str, Weight]:
+    """What A1111's SD3 CLIP holds where its file has nothing (SD3's CLIP-L files carry no projection):
+    ``other_impls.CLIPTextModel`` sets ``text_projection`` to the identity, but a model built on the meta
+    device (A1111's default low-RAM load, ``sd_disable_initialization.LoadStateDictOnMeta``) gets zeros.
+    SD3 never applies CLIP-L's projection (``return_projected_pooled=False``); the engine's fingerprint
+    check still proves whichever this is."""
+    projection = getattr(module, "text_projection", None)
+    weight = getattr(projection, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] != weight.shape[1]:
+        return {}
+    n = weight.shape[0]
+    return {"text_projection.weight": torch.zeros(n, n) if not weight.detach().any() else torch.eye(n)}
 
 
 def _stored_key(key: str, live: set[str]) -> str:

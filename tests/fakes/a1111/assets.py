@@ -19,6 +19,8 @@ from te_switch.core.layouts import openclip_to_canonical
 from te_switch.core.readers import open_file
 from te_switch.hosts.engine import EncoderSource, SwapEngine
 
+SD3_CLIP_L_PROJECTION = "clip_l.transformer.text_projection.weight"  # also under model_lg: one module, two names
+
 
 class Checkpoints:
     """Random checkpoints of every family, written once per session (inside a fake WebUI)."""
@@ -36,7 +38,10 @@ class Checkpoints:
             model = sd_models.instantiate_from_config(sd_models_config.CONFIGS[family], {})
             rm.randomize_(model, 1000 + seed)
             path = self.folder / f"{family}-{seed}{'-t5' if t5 else ''}.safetensors"
-            save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(path))
+            sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+            if family == "sd3":  # as in SD3's own files: A1111 builds CLIP-L's projection (the identity)
+                sd = {k: v for k, v in sd.items() if not k.endswith(SD3_CLIP_L_PROJECTION)}
+            save_file(sd, str(path))
             self.paths[key] = path
         return self.paths[key]
 
