@@ -136,6 +136,12 @@ def live(model: Any) -> None:
     sd_models.model_data.set_sd_model(model, already_loaded=True)
 
 
+def load_built_in(env: LdmEnv, adapter: Any, path: Path) -> Any:
+    """``path`` loaded as it is: a load re-applies the last request, so Built-in is asked first."""
+    adapter.apply(Selection())
+    return env.load_path(path)
+
+
 def holder(model: Any, name: str) -> torch.nn.Module:
     return getattr(model.forge_objects.clip.cond_stage_model, name)
 
@@ -264,7 +270,7 @@ def test_sd1_swap_equals_the_baked_checkpoint_and_restores(env: LdmEnv) -> None:
     name, file_sd = hf_l_file(env, 21)
     swapped = run(adapter, with_slot(Selection(), clip_l=SlotChoice(name)), model)
     assert not torch.equal(swapped["crossattn"], before["crossattn"])
-    baked = encode(env.load_path(env.baked("sd1", "cond_stage_model.transformer.", file_sd)))
+    baked = encode(load_built_in(env, adapter, env.baked("sd1", "cond_stage_model.transformer.", file_sd)))
     assert_same(swapped, baked)  # the swap is the checkpoint with that CLIP-L merged in, bit for bit
     live(model)  # back to the first model without a load: the next generation's apply restores it
     assert_same(run(adapter, Selection(), model), before)
@@ -281,10 +287,35 @@ def test_sdxl_clip_g_swap_equals_the_baked_checkpoint_and_restores(env: LdmEnv) 
     swapped = run(adapter, with_slot(Selection(), clip_g=SlotChoice(name)), model)
     assert not torch.equal(swapped["vector"], before["vector"])  # the pooled vector (and its projection) too
     file_sd = load_file(env.sources[name].path)
-    baked = encode(env.load_path(env.baked("sdxl", "conditioner.embedders.1.model.", file_sd)))
+    baked = encode(load_built_in(env, adapter, env.baked("sdxl", "conditioner.embedders.1.model.", file_sd)))
     assert_same(swapped, baked)
     live(model)
     assert_same(run(adapter, Selection(), model), before)
+
+
+def own_weights(model: Any, names: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+    return {n: {k: v.clone() for k, v in holder(model, n).state_dict().items()} for n in names}
+
+
+def assert_weights(model: Any, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+    for name, own in weights.items():
+        for key, value in holder(model, name).state_dict().items():
+            assert value.dtype == own[key].dtype, (name, key)
+            assert torch.equal(value, own[key]), (name, key)
+
+
+def test_the_fake_loader_fills_every_tower_from_the_checkpoint(env: LdmEnv) -> None:
+    """Both towers hold the checkpoint's values (a key the conversion misspells would leave a tower as
+    built, and every comparison of this module would pass on garbage)."""
+    model = env.load("sdxl")
+    sd = load_file(str(env.checkpoints.path("sdxl")))
+    g = sd["conditioner.embedders.1.model.token_embedding.weight"]
+    l_key = next(k for k in sd if k.startswith("conditioner.embedders.0.") and k.endswith("token_embedding.weight"))
+    for name, expected in (("clip_g", g), ("clip_l", sd[l_key])):
+        table = next(v for k, v in holder(model, name).state_dict().items() if k.endswith("token_embedding.weight"))
+        assert torch.equal(table, expected.to(table.dtype)), name
+    projection = holder(model, "clip_g").text_projection
+    assert torch.equal(projection, sd["conditioner.embedders.1.model.text_projection"].to(projection.dtype))
 
 
 def test_lora_is_undone_before_the_swap_and_merged_onto_the_new_weights(env: LdmEnv) -> None:
@@ -305,7 +336,7 @@ def test_lora_is_undone_before_the_swap_and_merged_onto_the_new_weights(env: Ldm
     with_lora_before = run(adapter, Selection(), model)  # LoRA merged when the wrapper loaded the patcher
     name, file_sd = hf_l_file(env, 22)
     swapped = run(adapter, with_slot(Selection(), clip_l=SlotChoice(name)), model)
-    baked = env.load_path(env.baked("sd1", "cond_stage_model.transformer.", file_sd))
+    baked = load_built_in(env, adapter, env.baked("sd1", "cond_stage_model.transformer.", file_sd))
     with_lora(baked)
     assert_same(swapped, encode(baked))
     live(model)
@@ -413,7 +444,9 @@ def test_reforge_text_encoder_setting_is_named_and_ours_wins(env: LdmEnv) -> Non
         assert "text encoders from TE Switch" in adapter.describe(selection)
         ours = run(adapter, selection, model)
         opts.sd_text_encoder = "Automatic"
-        assert_same(ours, encode(env.load_path(env.baked("sd1", "cond_stage_model.transformer.", file_sd))))
+        assert_same(
+            ours, encode(load_built_in(env, adapter, env.baked("sd1", "cond_stage_model.transformer.", file_sd)))
+        )
     finally:
         opts.sd_text_encoder = "Automatic"
         sd_text_encoder.text_encoder_options.clear()
