@@ -318,6 +318,46 @@ def test_the_fake_loader_fills_every_tower_from_the_checkpoint(env: LdmEnv) -> N
     assert torch.equal(projection, sd["conditioner.embedders.1.model.text_projection"].to(projection.dtype))
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_built_in_comes_back_from_the_checkpoint_file_without_a_copy(env: LdmEnv, family: str) -> None:
+    model = env.load(family)
+    names = ("clip_l",) if family == "sd1" else ("clip_l", "clip_g")
+    weights = own_weights(model, names)
+    adapter = env.adapter()
+    said: list[str] = []
+    adapter.engine.notify = said.append
+    chosen = {"clip_l": SlotChoice(env.clip_l_file(40)[0])}
+    if family == "sdxl":
+        chosen["clip_g"] = SlotChoice(env.open_clip_file("ViT-bigG-14", 41)[0])
+    run(adapter, with_slot(Selection(), **chosen), model)
+    slots = adapter.slots(model)
+    # at most logit_scale, a scalar the file's conversion drops and no swap writes: kept quietly
+    assert max(adapter.engine.kept_bytes(slots[n]) for n in names) <= 4, said
+    assert said == []  # no "keeping a … copy … on CPU" line: the checkpoint gives every tensor back
+    live(model)
+    run(adapter, Selection(), model)
+    assert_weights(model, weights)
+
+
+def test_built_in_of_weights_changed_in_memory_is_kept_and_restored_exactly(env: LdmEnv) -> None:
+    model = env.load("sd1")
+    fc1 = next(m for k, m in holder(model, "clip_l").named_modules() if k.endswith("layers.2.mlp.fc1"))
+    with torch.no_grad():
+        fc1.weight.add_(0.01)  # merged in memory: the checkpoint no longer holds this tensor
+    weights = own_weights(model, ("clip_l",))
+    adapter = env.adapter()
+    said: list[str] = []
+    adapter.engine.notify = said.append
+    run(adapter, with_slot(Selection(), clip_l=SlotChoice(env.clip_l_file(42)[0])), model)
+    kept = adapter.engine.kept_bytes(adapter.slots(model)["clip_l"])
+    assert fc1.weight.nbytes <= kept <= fc1.weight.nbytes + 4  # that tensor (and at most logit_scale)
+    assert len(said) == 1, said
+    assert "keeping a" in said[0]
+    live(model)
+    run(adapter, Selection(), model)
+    assert_weights(model, weights)
+
+
 def test_lora_is_undone_before_the_swap_and_merged_onto_the_new_weights(env: LdmEnv) -> None:
     from ldm_patched.modules.sd import load_lora_for_models
 
@@ -442,7 +482,12 @@ def test_reforge_text_encoder_setting_is_named_and_ours_wins(env: LdmEnv) -> Non
         name, file_sd = hf_l_file(env, 28)
         selection = with_slot(Selection(), clip_l=SlotChoice(name))
         assert "text encoders from TE Switch" in adapter.describe(selection)
+        said: list[str] = []
+        adapter.engine.notify = said.append
         ours = run(adapter, selection, model)
+        assert said == []  # Built-in is the setting's file, read back from it: no copy
+        live(model)
+        assert_same(run(adapter, Selection(), model), other_own)
         opts.sd_text_encoder = "Automatic"
         assert_same(
             ours, encode(load_built_in(env, adapter, env.baked("sd1", "cond_stage_model.transformer.", file_sd)))
