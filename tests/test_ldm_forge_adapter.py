@@ -498,6 +498,43 @@ def test_reforge_text_encoder_setting_is_named_and_ours_wins(env: LdmEnv) -> Non
         sd_text_encoder.current_text_encoder_option = None
 
 
+def test_a_reload_with_other_encoders_never_serves_the_cached_cond(env: LdmEnv) -> None:
+    """reForge's Text Encoder setting reloads the same checkpoint with other encoders, and the host's cond-cache
+    key (prompt, checkpoint info, clip skip) does not change with it."""
+    if env.host != "reforge":
+        pytest.skip("Forge Classic has no Text Encoder setting")
+    from modules import processing, sd_models, sd_text_encoder
+    from modules.shared import opts
+
+    other = env.checkpoints.path("sd1", seed=1)
+    other_own = encode(env.load_path(other))["crossattn"][0]
+    info = env.info("sd1")  # one CheckpointInfo, as the host keeps one per file
+    sd_models.load_model(info)
+    adapter = env.adapter()
+
+    def generate() -> torch.Tensor:
+        p = processing.StableDiffusionProcessingTxt2Img(prompt=PROMPT, negative_prompt="lowres", steps=20)
+        adapter.begin(Selection())
+        try:
+            p.setup_prompts()
+            p.setup_conds()
+        finally:
+            adapter.end()
+        return p.c.batch[0][0].schedules[0].cond
+
+    own = generate()
+    sd_text_encoder.add_option(str(other))
+    opts.sd_text_encoder = f"TE: {other.stem}"
+    try:
+        sd_models.load_model(info)  # the setting's forced reload
+        assert torch.equal(generate(), other_own)
+        assert not torch.equal(own, other_own)
+    finally:
+        opts.sd_text_encoder = "Automatic"
+        sd_text_encoder.text_encoder_options.clear()
+        sd_text_encoder.current_text_encoder_option = None
+
+
 def test_install_is_idempotent_and_uninstall_restores(env: LdmEnv) -> None:
     from modules import processing
     from modules_forge import forge_clip

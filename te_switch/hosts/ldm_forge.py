@@ -91,6 +91,7 @@ class LdmForgeAdapter(A1111Adapter):
         super().__init__(engine)
         self.name = host_name()
         self.label = HOST_LABELS[self.name]
+        self.loads = 0  # model loads seen: each builds new encoder objects
 
     # -- the live model -----------------------------------------------------------------------
 
@@ -206,6 +207,15 @@ class LdmForgeAdapter(A1111Adapter):
 
     def restore_before_load(self, model: Any) -> list[str]:
         return []  # every load builds new encoder objects: nothing of ours is in the way
+
+    def on_model_loaded(self, sd_model: Any) -> list[str]:
+        self.loads += 1
+        return super().on_model_loaded(sd_model)
+
+    def cond_signature(self) -> tuple:
+        """reForge's Text Encoder setting reloads the same checkpoint with other encoders, and the host's
+        cond-cache key (prompt, checkpoint, clip skip) stays the same: the load count tells them apart."""
+        return (*super().cond_signature(), self.loads)
 
     def builtin_source(self, model: Any, name: str) -> BuiltinSource | None:
         """Both loaders build the ``SDClipModel``s from one file: the checkpoint, or the checkpoint reForge's
