@@ -136,6 +136,12 @@ def live(model: Any) -> None:
     sd_models.model_data.set_sd_model(model, already_loaded=True)
 
 
+def load_built_in(env: LdmEnv, adapter: Any, path: Path) -> Any:
+    """``path`` loaded as it is: a load re-applies the last request, so Built-in is asked first."""
+    adapter.apply(Selection())
+    return env.load_path(path)
+
+
 def holder(model: Any, name: str) -> torch.nn.Module:
     return getattr(model.forge_objects.clip.cond_stage_model, name)
 
@@ -264,7 +270,7 @@ def test_sd1_swap_equals_the_baked_checkpoint_and_restores(env: LdmEnv) -> None:
     name, file_sd = hf_l_file(env, 21)
     swapped = run(adapter, with_slot(Selection(), clip_l=SlotChoice(name)), model)
     assert not torch.equal(swapped["crossattn"], before["crossattn"])
-    baked = encode(env.load_path(env.baked("sd1", "cond_stage_model.transformer.", file_sd)))
+    baked = encode(load_built_in(env, adapter, env.baked("sd1", "cond_stage_model.transformer.", file_sd)))
     assert_same(swapped, baked)  # the swap is the checkpoint with that CLIP-L merged in, bit for bit
     live(model)  # back to the first model without a load: the next generation's apply restores it
     assert_same(run(adapter, Selection(), model), before)
@@ -281,10 +287,75 @@ def test_sdxl_clip_g_swap_equals_the_baked_checkpoint_and_restores(env: LdmEnv) 
     swapped = run(adapter, with_slot(Selection(), clip_g=SlotChoice(name)), model)
     assert not torch.equal(swapped["vector"], before["vector"])  # the pooled vector (and its projection) too
     file_sd = load_file(env.sources[name].path)
-    baked = encode(env.load_path(env.baked("sdxl", "conditioner.embedders.1.model.", file_sd)))
+    baked = encode(load_built_in(env, adapter, env.baked("sdxl", "conditioner.embedders.1.model.", file_sd)))
     assert_same(swapped, baked)
     live(model)
     assert_same(run(adapter, Selection(), model), before)
+
+
+def own_weights(model: Any, names: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+    return {n: {k: v.clone() for k, v in holder(model, n).state_dict().items()} for n in names}
+
+
+def assert_weights(model: Any, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+    for name, own in weights.items():
+        for key, value in holder(model, name).state_dict().items():
+            assert value.dtype == own[key].dtype, (name, key)
+            assert torch.equal(value, own[key]), (name, key)
+
+
+def test_the_fake_loader_fills_every_tower_from_the_checkpoint(env: LdmEnv) -> None:
+    """Both towers hold the checkpoint's values (a key the conversion misspells would leave a tower as
+    built, and every comparison of this module would pass on garbage)."""
+    model = env.load("sdxl")
+    sd = load_file(str(env.checkpoints.path("sdxl")))
+    g = sd["conditioner.embedders.1.model.token_embedding.weight"]
+    l_key = next(k for k in sd if k.startswith("conditioner.embedders.0.") and k.endswith("token_embedding.weight"))
+    for name, expected in (("clip_g", g), ("clip_l", sd[l_key])):
+        table = next(v for k, v in holder(model, name).state_dict().items() if k.endswith("token_embedding.weight"))
+        assert torch.equal(table, expected.to(table.dtype)), name
+    projection = holder(model, "clip_g").text_projection
+    assert torch.equal(projection, sd["conditioner.embedders.1.model.text_projection"].to(projection.dtype))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_built_in_comes_back_from_the_checkpoint_file_without_a_copy(env: LdmEnv, family: str) -> None:
+    model = env.load(family)
+    names = ("clip_l",) if family == "sd1" else ("clip_l", "clip_g")
+    weights = own_weights(model, names)
+    adapter = env.adapter()
+    said: list[str] = []
+    adapter.engine.notify = said.append
+    chosen = {"clip_l": SlotChoice(env.clip_l_file(40)[0])}
+    if family == "sdxl":
+        chosen["clip_g"] = SlotChoice(env.open_clip_file("ViT-bigG-14", 41)[0])
+    run(adapter, with_slot(Selection(), **chosen), model)
+    slots = adapter.slots(model)
+    # at most logit_scale, a scalar the file's conversion drops and no swap writes: kept quietly
+    assert max(adapter.engine.kept_bytes(slots[n]) for n in names) <= 4, said
+    assert said == []  # no "keeping a … copy … on CPU" line: the checkpoint gives every tensor back
+    live(model)
+    run(adapter, Selection(), model)
+    assert_weights(model, weights)
+
+
+def test_built_in_of_weights_changed_in_memory_is_kept_and_restored_exactly(env: LdmEnv) -> None:
+    model = env.load("sd1")
+    fc1 = next(m for k, m in holder(model, "clip_l").named_modules() if k.endswith("layers.2.mlp.fc1"))
+    with torch.no_grad():
+        fc1.weight.add_(0.01)  # merged in memory: the checkpoint no longer holds this tensor
+    weights = own_weights(model, ("clip_l",))
+    adapter = env.adapter()
+    said: list[str] = []
+    adapter.engine.notify = said.append
+    run(adapter, with_slot(Selection(), clip_l=SlotChoice(env.clip_l_file(42)[0])), model)
+    kept = adapter.engine.kept_bytes(adapter.slots(model)["clip_l"])
+    assert fc1.weight.nbytes <= kept <= fc1.weight.nbytes + 4  # that tensor (and at most logit_scale)
+    assert len(said) == 1, said
+    assert "keeping a" in said[0]
+    live(model)
+    run(adapter, Selection(), model)
+    assert_weights(model, weights)
 
 
 def test_lora_is_undone_before_the_swap_and_merged_onto_the_new_weights(env: LdmEnv) -> None:
@@ -305,7 +376,7 @@ def test_lora_is_undone_before_the_swap_and_merged_onto_the_new_weights(env: Ldm
     with_lora_before = run(adapter, Selection(), model)  # LoRA merged when the wrapper loaded the patcher
     name, file_sd = hf_l_file(env, 22)
     swapped = run(adapter, with_slot(Selection(), clip_l=SlotChoice(name)), model)
-    baked = env.load_path(env.baked("sd1", "cond_stage_model.transformer.", file_sd))
+    baked = load_built_in(env, adapter, env.baked("sd1", "cond_stage_model.transformer.", file_sd))
     with_lora(baked)
     assert_same(swapped, encode(baked))
     live(model)
@@ -411,9 +482,53 @@ def test_reforge_text_encoder_setting_is_named_and_ours_wins(env: LdmEnv) -> Non
         name, file_sd = hf_l_file(env, 28)
         selection = with_slot(Selection(), clip_l=SlotChoice(name))
         assert "text encoders from TE Switch" in adapter.describe(selection)
+        said: list[str] = []
+        adapter.engine.notify = said.append
         ours = run(adapter, selection, model)
+        assert said == []  # Built-in is the setting's file, read back from it: no copy
+        live(model)
+        assert_same(run(adapter, Selection(), model), other_own)
         opts.sd_text_encoder = "Automatic"
-        assert_same(ours, encode(env.load_path(env.baked("sd1", "cond_stage_model.transformer.", file_sd))))
+        assert_same(
+            ours, encode(load_built_in(env, adapter, env.baked("sd1", "cond_stage_model.transformer.", file_sd)))
+        )
+    finally:
+        opts.sd_text_encoder = "Automatic"
+        sd_text_encoder.text_encoder_options.clear()
+        sd_text_encoder.current_text_encoder_option = None
+
+
+def test_a_reload_with_other_encoders_never_serves_the_cached_cond(env: LdmEnv) -> None:
+    """reForge's Text Encoder setting reloads the same checkpoint with other encoders, and the host's cond-cache
+    key (prompt, checkpoint info, clip skip) does not change with it."""
+    if env.host != "reforge":
+        pytest.skip("Forge Classic has no Text Encoder setting")
+    from modules import processing, sd_models, sd_text_encoder
+    from modules.shared import opts
+
+    other = env.checkpoints.path("sd1", seed=1)
+    other_own = encode(env.load_path(other))["crossattn"][0]
+    info = env.info("sd1")  # one CheckpointInfo, as the host keeps one per file
+    sd_models.load_model(info)
+    adapter = env.adapter()
+
+    def generate() -> torch.Tensor:
+        p = processing.StableDiffusionProcessingTxt2Img(prompt=PROMPT, negative_prompt="lowres", steps=20)
+        adapter.begin(Selection())
+        try:
+            p.setup_prompts()
+            p.setup_conds()
+        finally:
+            adapter.end()
+        return p.c.batch[0][0].schedules[0].cond
+
+    own = generate()
+    sd_text_encoder.add_option(str(other))
+    opts.sd_text_encoder = f"TE: {other.stem}"
+    try:
+        sd_models.load_model(info)  # the setting's forced reload
+        assert torch.equal(generate(), other_own)
+        assert not torch.equal(own, other_own)
     finally:
         opts.sd_text_encoder = "Automatic"
         sd_text_encoder.text_encoder_options.clear()

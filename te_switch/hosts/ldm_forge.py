@@ -39,7 +39,8 @@ reForge's "Text Encoder" setting
 --------------------------------
 It replaces all encoders of the checkpoint with those of another checkpoint at load time (a forced reload
 when it changes). What it loaded is the slots' Built-in: a file chosen here loads into those live modules and
-wins for that slot, Built-in gives back what reForge loaded. The panel line says which one is in force.
+wins for that slot, Built-in gives back what reForge loaded (read back from that checkpoint, like the
+model's own file otherwise: :meth:`LdmForgeAdapter.builtin_source`). The panel line says which one is in force.
 
 Only this module and :mod:`te_switch.hosts.a1111` (whose A1111 bookkeeping it reuses) touch ``modules.*``.
 """
@@ -58,6 +59,7 @@ from te_switch.core.selection import SLOT_LABELS, SLOTS_BY_FAMILY, Selection
 from te_switch.core.tensors import Weight, dense, is_compressed
 from te_switch.hosts import sdwebui
 from te_switch.hosts.a1111 import A1111Adapter, Patch, _hf_clip_layer, _own_precision
+from te_switch.hosts.base import tower_in
 from te_switch.hosts.engine import BuiltinSource, LiveSlot, SlotRequest, SwapEngine
 from te_switch.hosts.slots import hf_clip_blocks, hf_clip_slot, text_transformer
 
@@ -89,6 +91,7 @@ class LdmForgeAdapter(A1111Adapter):
         super().__init__(engine)
         self.name = host_name()
         self.label = HOST_LABELS[self.name]
+        self.loads = 0  # model loads seen: each builds new encoder objects
 
     # -- the live model -----------------------------------------------------------------------
 
@@ -205,10 +208,47 @@ class LdmForgeAdapter(A1111Adapter):
     def restore_before_load(self, model: Any) -> list[str]:
         return []  # every load builds new encoder objects: nothing of ours is in the way
 
+    def on_model_loaded(self, sd_model: Any) -> list[str]:
+        self.loads += 1
+        return super().on_model_loaded(sd_model)
+
+    def cond_signature(self) -> tuple:
+        """reForge's Text Encoder setting reloads the same checkpoint with other encoders, and the host's
+        cond-cache key (prompt, checkpoint, clip skip) stays the same: the load count tells them apart."""
+        return (*super().cond_signature(), self.loads)
+
     def builtin_source(self, model: Any, name: str) -> BuiltinSource | None:
-        """Not mapped yet for the ``ldm_patched`` loaders (their state-dict conversion differs from A1111's):
-        the engine keeps a copy of the slot in its own dtype and says so once."""
-        return None
+        """Both loaders build the ``SDClipModel``s from one file: the checkpoint, or the checkpoint reForge's
+        Text Encoder setting names. They convert its keys to the HF layout the slot maps to (OpenCLIP's
+        fused attention split, CLIP-G's projection kept raw) and copy each tensor into the slot's dtype
+        (``load_state_dict``); what the file lacks stays as the constructor made it (an identity
+        ``text_projection`` on CLIP-L/CLIP-H). The engine proves this against its fingerprints."""
+        wrapper = _wrappers(model).get(name)
+        holder = _holder(model, wrapper) if wrapper is not None else None
+        tower = tower_in(self.encoder_file(model), name) if holder is not None else None
+        if tower is None or holder is None:
+            return None
+        slot = _holder_slot(name, holder)
+        projection = getattr(holder, "text_projection", None)
+
+        def to_host(sd: Mapping[str, Weight]) -> dict[str, Weight]:
+            out = slot.to_host(sd)
+            if isinstance(projection, torch.Tensor) and "text_projection" not in out:
+                out["text_projection"] = torch.eye(projection.shape[0])  # SDClipModel's own, in fp32
+            return out
+
+        return BuiltinSource(tower.path, tower, to_host=to_host)
+
+    def encoder_file(self, model: Any) -> str | None:
+        """The file the model's text encoders were loaded from."""
+        if getattr(model, "_separate_te_loaded", False):
+            try:
+                from modules import sd_text_encoder
+            except ImportError:
+                return None
+            option = getattr(sd_text_encoder, "current_text_encoder_option", None)
+            return getattr(getattr(option, "te_info", None), "filename", None)
+        return getattr(getattr(model, "sd_checkpoint_info", None), "filename", None)
 
     # -- patches --------------------------------------------------------------------------------
 

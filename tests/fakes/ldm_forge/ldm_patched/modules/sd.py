@@ -34,8 +34,19 @@ class CLIP:
 
     def load_sd(self, sd, full_model=False):
         if full_model:
-            return self.cond_stage_model.load_state_dict(sd, strict=False)
+            return self.cond_stage_model.load_state_dict(_live_spelling(sd, self.cond_stage_model), strict=False)
         return self.cond_stage_model.load_sd(sd)
+
+
+def _live_spelling(sd, model):
+    """The hosts' conversions write ``transformer.text_model.*`` (they pin transformers 4.x); transformers
+    >= 5.6 has no ``text_model`` level, so the fake drops it there (strict=False would skip those keys)."""
+    live = model.state_dict().keys()
+    out = {}
+    for key, value in sd.items():
+        short = key.replace(".transformer.text_model.", ".transformer.", 1)
+        out[short if key not in live and short in live else key] = value
+    return out
 
 
 def load_lora_for_models(model, clip, lora, strength_model, strength_clip, filename="default"):
