@@ -71,6 +71,7 @@ class _Lowbit:
     original: nn.Parameter | None
     saved_attrs: dict[str, Any] = field(default_factory=dict)  # instance forward/_apply from before attach
     hook: Any = None
+    decode: Any = None  # the weight's own expansion (PackedTensor.decode), kept with its bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +237,7 @@ def _install(
     """Make ``data``/``scale`` (from :func:`_to_bytes`) the module's compressed weight."""
     state.qtype = packed.qtype
     state.raw_dtype = packed.raw.dtype
+    state.decode = packed.decode
     for name in (RAW_BUFFER, SCALE_BUFFER):
         if name in module._buffers:
             delattr(module, name)
@@ -252,7 +254,7 @@ def _packed(module: nn.Module, state: _Lowbit) -> PackedTensor:
     scale = None
     if state.scale_dtype is not None:
         scale = module._buffers[SCALE_BUFFER].view(state.scale_dtype).reshape(state.scale_shape)
-    return PackedTensor(state.qtype, raw, state.shape, scale)
+    return PackedTensor(state.qtype, raw, state.shape, scale, state.decode)
 
 
 def _live_state(module: nn.Module) -> _Lowbit:
@@ -316,7 +318,9 @@ def _embedding_rows(packed: PackedTensor, ids: torch.Tensor, dtype: torch.dtype)
     if used.numel() and (int(used[0]) < 0 or int(used[-1]) >= num):
         raise IndexError(f"index out of range in self (ids must lie in [0, {num}))")
     raw_rows = packed.raw.index_select(0, used.to(packed.raw.device))
-    rows = PackedTensor(packed.qtype, raw_rows, torch.Size((used.numel(), packed.shape[1])), packed.scale)
+    rows = PackedTensor(
+        packed.qtype, raw_rows, torch.Size((used.numel(), packed.shape[1])), packed.scale, packed.decode
+    )
     return F.embedding(position.reshape(ids.shape), rows.dequantize(dtype, ids.device))
 
 

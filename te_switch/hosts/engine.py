@@ -73,6 +73,9 @@ class LiveSlot:
     pack_kind: Callable[[torch.nn.Module], str | None] | None = None
     # live keys that stay fp32 when fp16 is asked for (T5's feed-forward output overflows fp16)
     keep_fp32: frozenset[str] = frozenset()
+    # at Auto: live keys whose dense incoming values the host would store in another dtype than the slot
+    # holds now (Forge keeps an fp8 file's T5 Linear weights as fp8, a dense file's as fp16)
+    store_dtypes: Mapping[str, torch.dtype] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.kinds:
@@ -525,7 +528,9 @@ class SwapEngine:
             kind = (slot.pack_kind or default_pack_kind)(owner) if keep_packed else None
             if kind is not None and is_compressed(value) and key.endswith(".weight"):
                 if owner not in mem.packed:
-                    lowbit.attach(owner, value, kind=kind, offload="cpu")
+                    shown = slot.store_dtypes.get(key)  # the placeholder's dtype where the live one is fp8
+                    shown = shown if shown in lowbit.COMPUTE_DTYPES and not _computes(live[key]) else None
+                    lowbit.attach(owner, value, kind=kind, offload="cpu", dtype=shown)
                     mem.packed.append(owner)
                 continue
             if id(target) in written:
@@ -541,6 +546,8 @@ class SwapEngine:
             return tensor.dtype
         if dtype is not None:
             return torch.float32 if dtype == torch.float16 and key in slot.keep_fp32 else dtype
+        if key in slot.store_dtypes:
+            return slot.store_dtypes[key]
         original = mem.originals.get(key)
         return original.dtype if original is not None else tensor.dtype
 
@@ -726,6 +733,10 @@ def _write(owner: torch.nn.Module, values: Mapping[str, Weight]) -> None:
     missing = set(values) & set(result.missing_keys)
     if result.unexpected_keys or missing:
         raise RuntimeError(f"the module did not take {sorted(missing or set(result.unexpected_keys))[0]}")
+
+
+def _computes(t: torch.Tensor) -> bool:
+    return t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def default_pack_kind(module: torch.nn.Module) -> str | None:
