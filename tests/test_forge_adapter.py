@@ -98,7 +98,13 @@ class Env:
 
 @contextmanager
 def forge(
-    a: Assets, family: str, *, install: bool = True, extra: dict | None = None, checkpoint: Path | None = None
+    a: Assets,
+    family: str,
+    *,
+    install: bool = True,
+    extra: dict | None = None,
+    checkpoint: Path | None = None,
+    modules: list[Path] | None = None,
 ) -> Iterator[Env]:
     """A fake Forge with ``family``'s checkpoint loaded (like after the first Generate)."""
     with fake_webui("forge"):
@@ -109,6 +115,7 @@ def forge(
 
         info = sd_models.register_checkpoint(str(checkpoint or a.checkpoints[family]))
         shared.opts.set("sd_model_checkpoint", info.title)
+        shared.opts.set("forge_additional_modules", [str(m) for m in modules or ()])  # the VAE / Text Encoder menu
         main_entry.refresh_model_loading_parameters()
         model, _ = sd_models.forge_model_reload()
         processing.need_global_unload = False  # as the first generation's manage_model_and_prompt_cache leaves it
@@ -789,25 +796,10 @@ def test_t5_scaled_fp8_file_into_fp16_slot(assets: Assets) -> None:
 
 
 # T5 at Auto = Forge loading the same file itself. The reference is a second code path: the file read the
-# way Forge's loader reads it (its own names; a GGUF renamed with Forge's table and expanded the way its
-# ParameterGGUF does, the fake's copy of Forge's fp16 decoder), built by the fake ``load_huggingface_component``
-# into a fresh T5 and encoded by a fresh ``T5TextProcessingEngine``. Swapped and reference must agree bit for bit.
-FORGE_GGUF_T5_NAMES = {  # backend/loader.py replace_state_dict, city96's names -> Forge's
-    "enc.": "encoder.",
-    ".blk.": ".block.",
-    "token_embd": "shared",
-    "output_norm": "final_layer_norm",
-    "attn_q": "layer.0.SelfAttention.q",
-    "attn_k": "layer.0.SelfAttention.k",
-    "attn_v": "layer.0.SelfAttention.v",
-    "attn_o": "layer.0.SelfAttention.o",
-    "attn_norm": "layer.0.layer_norm",
-    "attn_rel_b": "layer.0.SelfAttention.relative_attention_bias",
-    "ffn_up": "layer.1.DenseReluDense.wi_1",
-    "ffn_down": "layer.1.DenseReluDense.wo",
-    "ffn_gate": "layer.1.DenseReluDense.wi_0",
-    "ffn_norm": "layer.1.layer_norm",
-}
+# way Forge's *VAE / Text Encoder* menu reads it (the fake ``replace_state_dict`` step: a GGUF's names
+# renamed, ParameterGGUF weights), built by the fake ``load_huggingface_component`` (GGUF into
+# ``ForgeOperationsGGUF`` layers) into a fresh T5 and encoded by a fresh ``T5TextProcessingEngine``.
+# Swapped and reference must agree bit for bit.
 T5_STORAGES = ["fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_scaled", "Q8_0", "Q8_0-f16emb"]
 
 
@@ -838,31 +830,12 @@ def _t5_file(root: Path, storage: str, weights: dict[str, torch.Tensor]) -> Path
     return path
 
 
-def _forge_reads(path: Path) -> dict[str, torch.Tensor]:
-    """The file's tensors as Forge's loader holds them before ``load_state_dict`` (its names)."""
-    from types import SimpleNamespace
+def _forge_reads(path: Path) -> dict[str, Any]:
+    """The file's tensors as Forge's menu hands them to its loader (Forge's names). For a GGUF with an F16
+    token table, which Forge 2.0.1 fails to load, what it would do with that bug fixed (the table as stored)."""
+    from backend.loader import _t5_module_state
 
-    from backend import operations_gguf
-
-    from te_switch.core.tensors import PackedTensor
-
-    out = {}
-    with open_file(str(path)) as src:
-        for key in src.keys():  # noqa: SIM118
-            value = src.load(key)
-            if key == "scaled_fp8":
-                continue
-            if src.format == "gguf":
-                for a, b in FORGE_GGUF_T5_NAMES.items():
-                    key = key.replace(a, b)
-                if isinstance(value, PackedTensor):  # ParameterGGUF: baked, dequantised in fp16
-                    cls = next(c for t, c in operations_gguf.quants_mapping.items() if t.name == value.qtype)
-                    carrier = SimpleNamespace(data=value.raw, baked=False, computation_dtype=torch.float16)
-                    carrier.shape = value.shape
-                    cls.bake(carrier)
-                    value = cls.dequantize_pytorch(carrier)
-            out["transformer." + key] = value
-    return out
+    return _t5_module_state(str(path), fixed=True)
 
 
 def forge_encodes_t5(env: Env, path: Path, prompts: list[str]) -> torch.Tensor:
@@ -873,6 +846,9 @@ def forge_encodes_t5(env: Env, path: Path, prompts: list[str]) -> torch.Tensor:
     model = load_huggingface_component(
         None, "text_encoder_2", "transformers", "T5EncoderModel", str(env.assets.repos["flux"]), _forge_reads(path)
     )
+    from backend import memory_management
+
+    memory_management.bake_gguf_model(model)  # what Forge's load_model_gpu does first
     own = env.model.text_processing_engine_t5
     engine = T5TextProcessingEngine(model, own.tokenizer, min_length=own.min_length)
     with torch.inference_mode():
@@ -965,22 +941,55 @@ def test_t5_gguf_auto_keeps_weights_packed_and_fp32_is_exact(assets: Assets, t5_
         env.apply(Selection())
 
 
-def test_t5_quantized_slot_refused(assets: Assets) -> None:
-    from te_switch.core.errors import IncompatibleError
+def _objects(module: torch.nn.Module) -> dict[str, tuple[Any, torch.Tensor]]:
+    """Every parameter's class, GGUF attributes and bytes (Forge makes new ParameterGGUF objects on every move)."""
+    gguf = ("gguf_cls", "real_shape", "computation_dtype", "baked")
+    return {
+        k: ((type(p), *(getattr(p, a, None) for a in gguf)), p.data.detach().clone())
+        for k, p in module.named_parameters()
+    }
 
-    with forge(assets, "flux") as env:
-        from backend.operations_gguf import ParameterGGUF
 
+@pytest.mark.parametrize("storage", ["fp16", "fp8_e4m3fn_scaled", "Q8_0", "Q8_0-f16emb"])
+def test_t5_swap_into_a_gguf_held_slot(assets: Assets, t5_files: dict[str, Path], storage: str) -> None:
+    """A T5 Forge holds as GGUF (from its menu: ParameterGGUF weights in ForgeOperationsGGUF layers) takes a
+    dense, fp8 or GGUF file at Auto, computing what Forge computes with that file; Built-in puts Forge's own
+    Parameter objects back untouched; fp32 computes in fp32."""
+    from te_switch.core import lowbit
+    from te_switch.core.convert import load_tower
+    from te_switch.core.tensors import materialize
+
+    menu = t5_files["Q8_0"]
+    path = t5_files[storage]
+    extra = {"t5": source(path, "t5-xxl", "t5")}
+    with forge(assets, "flux", extra=extra, modules=[menu]) as env:
         t5 = slot_module(env, "t5xxl")
-        wo = t5.encoder.block[1].layer[1].DenseReluDense.wo
-        original = wo.weight
-        wo.weight = ParameterGGUF(original.detach().clone(), gguf_cls=None)
-        before = params(t5)
-        with pytest.raises(IncompatibleError) as info:
-            env.apply(sel(t5xxl="t5-fp16"))
-        assert "GGUF" in one_line(info.value)
-        assert_same(before, params(t5))
-        wo.weight = original
+        q = t5.encoder.block[0].layer[0].SelfAttention.q
+        assert type(q).__qualname__ == "ForgeOperationsGGUF.Linear"
+        native = env.encode(None, [PLAIN])
+        assert torch.equal(native["crossattn"], forge_encodes_t5(env, menu, [PLAIN]))  # the fake's menu path
+        before = _objects(t5)
+        assert env.apply(sel(t5xxl="t5")) == ["t5xxl"]
+        assert lowbit.is_attached(q)
+        cond = env.encode(sel(t5xxl="t5"), [PLAIN, PROMPT])
+        assert torch.equal(cond["crossattn"], forge_encodes_t5(env, path, [PLAIN, PROMPT]))
+        env.apply(sel(t5xxl=SlotChoice("t5", "fp32")))
+        fp32 = env.encode(sel(t5xxl=SlotChoice("t5", "fp32")), [PLAIN])["crossattn"]
+        with open_file(str(path)) as src:
+            exact = hf_t5(materialize(load_tower(src, extra["t5"].tower), torch.float32))
+        with torch.no_grad():
+            reference = exact(input_ids=t5_ids(env, PLAIN)).last_hidden_state
+        torch.testing.assert_close(fp32, reference, atol=1e-5, rtol=1e-5)
+        env.apply(Selection())
+        assert not lowbit.is_attached(q)
+        after = _objects(t5)
+        assert after.keys() == before.keys()
+        for k, (obj, data) in before.items():
+            assert after[k][0] == obj, k  # a ParameterGGUF as Forge made it
+            assert torch.equal(after[k][1], data), k
+        assert hasattr(q.weight, "gguf_cls")
+        restored = env.encode(Selection(), [PLAIN])
+        assert torch.equal(restored["crossattn"], native["crossattn"])
 
 
 @pytest.mark.parametrize("storage", ["fp16", "fp8_e4m3fn_scaled", "Q8_0"])
@@ -1005,3 +1014,32 @@ def test_chroma_t5_swap_auto_and_restore(assets: Assets, t5_files: dict[str, Pat
         env.apply(Selection())
         assert_same(before, params(t5))
         assert torch.equal(env.encode(Selection(), [PLAIN]), native)
+
+
+def test_flux_long_clip_pools_first_eos_and_fp32_is_exact(assets: Assets) -> None:
+    """Flux takes CLIP-L's pooled vector: with Long-CLIP and a ~200-token prompt it comes from the first EOS of
+    one 248-position encode. fp32 on both slots equals an fp32 reference encode of the same weights."""
+    long_ref = hf_clip("l", assets.weights["long_file"], positions=248)
+    t5_ref = hf_t5(assets.weights["t5_file"])
+    words = " ".join(["fox", "snow", "tree", "light"] * 50)  # 200 tokens
+    choice = sel(clip_l=SlotChoice("long-l", "fp32"), t5xxl=SlotChoice("t5-fp16", "fp32"))
+    with forge(assets, "flux") as env:
+        native = env.encode(None, [words])
+        env.apply(choice)
+        assert env.model.text_processing_engine_l.chunk_length == 246
+        cond = env.encode(choice, [words])
+        ids = clip_ids(env, "clip_l", words)
+        assert ids.shape == (1, 248)
+        eos = int(ids[0].argmax())
+        assert eos == 201  # BOS + 200 words: the first EOS (the padding repeats it)
+        with torch.no_grad():
+            out = long_ref(ids, output_hidden_states=True)
+            t5_expected = t5_ref(input_ids=t5_ids(env, words)).last_hidden_state
+        torch.testing.assert_close(out.pooler_output, out.last_hidden_state[:, eos], atol=0, rtol=0)
+        torch.testing.assert_close(cond["vector"], out.pooler_output, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(cond["crossattn"], t5_expected, atol=1e-6, rtol=1e-5)
+        env.apply(Selection())
+        assert env.model.text_processing_engine_l.chunk_length == 75
+        restored = env.encode(Selection(), [words])
+        for k in native:
+            assert torch.equal(restored[k], native[k]), k

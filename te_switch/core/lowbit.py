@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from te_switch.core.tensors import DEQUANTIZERS, FLOAT8_DTYPES, PackedTensor, dtype_name
+from te_switch.core.tensors import DEQUANTIZERS, FLOAT8_DTYPES, SAFETENSORS_DTYPES, PackedTensor, dtype_name
 
 RAW_BUFFER = "weight_lowbit_raw"
 SCALE_BUFFER = "weight_lowbit_scale"
@@ -56,6 +56,7 @@ _STATE = "_te_switch_lowbit"
 _OVERRIDDEN = ("forward", "_apply")
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FP8_QTYPES = ("F8_E4M3", "F8_E5M2")
+DENSE_QTYPES = ("F16", "BF16", "F32")  # a dense weight kept as its bytes, for a layer only its host can hold
 
 
 @dataclass(eq=False)
@@ -197,6 +198,9 @@ def _as_packed(weight: PackedTensor | torch.Tensor) -> PackedTensor:
         if weight.qtype in FP8_QTYPES:
             if weight.raw.dtype not in FLOAT8_DTYPES:
                 raise ValueError(f"{weight.qtype} PackedTensor holds {weight.raw.dtype}, not fp8 data")
+        elif weight.qtype in DENSE_QTYPES:
+            if weight.raw.dtype != SAFETENSORS_DTYPES[weight.qtype]:
+                raise ValueError(f"{weight.qtype} PackedTensor holds {weight.raw.dtype}")
         elif weight.qtype not in DEQUANTIZERS:
             raise ValueError(f"no decoder for quantisation type {weight.qtype}")
         return weight

@@ -93,6 +93,8 @@ class PackedTensor:
         if self.decode is not None:
             plain = PackedTensor(self.qtype, raw, self.shape, None if self.scale is None else self.scale.to(raw.device))
             return self.decode(plain).to(dtype)
+        if self.qtype in ("F16", "BF16", "F32"):  # a dense weight kept as its bytes (core.lowbit)
+            return raw.reshape(self.shape).to(dtype)
         if self.qtype in ("F8_E4M3", "F8_E5M2"):
             # compute the product in fp32 so the result does not depend on the target dtype's rounding twice
             out = raw.to(torch.float32)

@@ -37,7 +37,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -49,7 +49,7 @@ from te_switch.core.library import file_identity
 from te_switch.core.longclip import stretch_positions
 from te_switch.core.readers import TensorSource, open_file
 from te_switch.core.selection import KINDS_BY_SLOT, SLOT_LABELS, SlotChoice
-from te_switch.core.tensors import PRECISIONS, PackedTensor, Weight, all_finite, dense, is_compressed
+from te_switch.core.tensors import PRECISIONS, PackedTensor, Weight, all_finite, dense, dtype_name, is_compressed
 
 Resize = Callable[[int], None]
 QUIET_BYTES = 4096  # CPU copies up to this size are kept without a console line
@@ -76,6 +76,11 @@ class LiveSlot:
     # at Auto: live keys whose dense incoming values the host would store in another dtype than the slot
     # holds now (Forge keeps an fp8 file's T5 Linear weights as fp8, a dense file's as fp16)
     store_dtypes: Mapping[str, torch.dtype] = field(default_factory=dict)
+    # live Linear weights only the host's own layer class can hold (Forge's GGUF/NF4 Linear weights): never
+    # written; every swap keeps their Parameter object aside and attaches the incoming weight packed
+    # (``core.lowbit``, dense values in their ``store_dtypes`` or the asked precision); Built-in puts the
+    # host's own object back
+    held: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if not self.kinds:
@@ -174,6 +179,11 @@ class _Original:
     view: torch.Tensor | None = None  # the host's own view of a mapped file (no memory of its own)
     copy: torch.Tensor | None = None  # CPU copy in the host's dtype: the file cannot give it back
     rebuilt: bool = False  # position ids: arange(positions), what resize() writes
+    held: bool = False  # the host's own Parameter, kept aside by core.lowbit while swapped
+
+    @property
+    def from_file(self) -> bool:
+        return self.view is None and self.copy is None and not self.rebuilt and not self.held
 
 
 @dataclass
@@ -477,6 +487,9 @@ class SwapEngine:
                 recipe, mem.origin = {}, None
         kept, missed = 0, []
         for key, tensor in live.items():
+            if key in slot.held:  # the object itself comes back (core.lowbit keeps it): nothing to fingerprint
+                mem.originals[key] = _Original(tensor.dtype, tuple(tensor.shape), b"", held=True)
+                continue
             original = _Original(tensor.dtype, tuple(tensor.shape), fingerprint(tensor))
             if is_mapped(tensor, ranges):
                 original.view = tensor.detach()  # the host's own view of its file: free to keep
@@ -516,7 +529,7 @@ class SwapEngine:
         live = slot.live_tensors()
         ranges = mapped_ranges()
         keep_packed = dtype is None and any(is_compressed(v) for v in tensors.values())
-        if keep_packed:
+        if keep_packed or slot.held:
             from te_switch.core import lowbit
         written: set[int] = set()  # tied tensors are written once; each module sharing one is packed
         writes = _Writes(ranges)
@@ -525,6 +538,13 @@ class SwapEngine:
             owner = _owner(slot.module, key)
             if owner is None:
                 raise RuntimeError(f"the module has no place for {key}")
+            if key in slot.held:
+                if owner not in mem.packed:
+                    shown = slot.store_dtypes.get(key, torch.float16) if dtype is None else dtype
+                    shown = shown if shown in lowbit.COMPUTE_DTYPES else torch.float16
+                    lowbit.attach(owner, _packable(value, shown, exact=dtype is not None), kind="linear", dtype=shown)
+                    mem.packed.append(owner)
+                continue
             kind = (slot.pack_kind or default_pack_kind)(owner) if keep_packed else None
             if kind is not None and is_compressed(value) and key.endswith(".weight"):
                 if owner not in mem.packed:
@@ -581,14 +601,14 @@ class SwapEngine:
                 if original.view is not None:
                     tensor.data = original.view
                     continue
-                if original.rebuilt:
+                if original.rebuilt or original.held:
                     continue
                 writes.add(_owner(slot.module, key), key, tensor, origin.value(key), original.dtype)
             writes.flush()
         finally:
             origin.close()
         live = _distinct(slot.live_tensors())
-        wrong = [k for k, o in mem.originals.items() if k in live and fingerprint(live[k]) != o.print]
+        wrong = [k for k, o in mem.originals.items() if k in live and not o.held and fingerprint(live[k]) != o.print]
         if wrong:
             raise TESwitchError(f"{slot.label}: Built-in could not be proven bit-identical ({wrong[0]} differs)")
 
@@ -622,7 +642,7 @@ class _OriginReader:
         return self._recipe
 
     def needs_file(self) -> bool:
-        return any(o.view is None and o.copy is None and not o.rebuilt for o in self.mem.originals.values())
+        return any(o.from_file for o in self.mem.originals.values())
 
     def check_unchanged(self) -> None:
         """Before anything changes: the host's file must still give every fingerprinted tensor (a few
@@ -639,7 +659,7 @@ class _OriginReader:
                 " (reload the checkpoint)"
             ) from None
         for key, original in mem.originals.items():
-            if original.view is None and original.copy is None and not original.rebuilt:
+            if original.from_file:
                 value = recipe.get(key)
                 if value is None or fingerprint(_as_host(value, original.dtype, mem.origin)) != original.print:
                     raise TESwitchError(
@@ -653,6 +673,8 @@ class _OriginReader:
             return original.view
         if original.copy is not None:
             return original.copy
+        if original.held:  # the file's own weight, as stored: the host's layer never held anything else
+            return self._file()[key]
         return _as_host(self._file()[key], original.dtype, self.mem.origin)
 
     def close(self) -> None:
@@ -733,6 +755,17 @@ def _write(owner: torch.nn.Module, values: Mapping[str, Weight]) -> None:
     missing = set(values) & set(result.missing_keys)
     if result.unexpected_keys or missing:
         raise RuntimeError(f"the module did not take {sorted(missing or set(result.unexpected_keys))[0]}")
+
+
+def _packable(value: Weight, dtype: torch.dtype, *, exact: bool) -> Weight:
+    """A weight ``core.lowbit`` can attach: compressed as it is (``exact``: our own decoders, not a host's),
+    a dense one stored in ``dtype``."""
+    if isinstance(value, PackedTensor):
+        return replace(value, decode=None) if exact and value.decode is not None else value
+    if is_compressed(value):
+        return value
+    stored = value.to(dtype) if value.dtype != dtype else value
+    return PackedTensor(dtype_name(stored.dtype), stored, stored.shape)
 
 
 def _computes(t: torch.Tensor) -> bool:

@@ -52,8 +52,12 @@ Decisions
   explicit precision everything is expanded exactly (our decoders) to that dtype and computed in it.
 * T5 into a slot Forge holds as scaled fp8: the slot's ``scale_weight`` values are set to 1 while a
   dense file is in (Forge multiplies by them). Built-in brings back the fp8 weights and scales.
-* T5 slots Forge holds as GGUF/NF4/FP4 (``ParameterGGUF``/bitsandbytes parameters) are refused: those
-  layers cannot be copied into or restored in place. Load such T5s through Forge's own module menu.
+* T5 slots Forge holds as GGUF/NF4/FP4 (a GGUF from its *VAE / Text Encoder* menu: ``ParameterGGUF``
+  weights in ``ForgeOperationsGGUF.Linear``): only those layer classes compute with such weights, so
+  their Linear weights are ``LiveSlot.held``: every swap keeps Forge's own Parameter objects aside and
+  attaches the incoming weight packed (a dense file's in fp16), and Built-in puts the objects back —
+  bit for bit, no copy, no file read. ``shared``, the norms and the bias are fp32 and restored from the
+  GGUF file through Forge's decoder.
 * Chroma (T5 only, no clip skip in Forge; its T5 engine pads to 1 token and passes no mask) has its T5
   slot, swapped and computed exactly as on Flux; the layer line says clip skip has no effect there.
 * LoRA merged into a T5 that is held compressed is not supported (Forge's merge rewrites the weight).
@@ -72,7 +76,6 @@ import torch
 from te_switch.core import clip_skip as cs
 from te_switch.core.clip_skip import TowerPlan
 from te_switch.core.compute import autocast_off
-from te_switch.core.errors import IncompatibleError
 from te_switch.core.longclip import chunk_length as longclip_chunk_length
 from te_switch.core.lowbit import FP8_QTYPES
 from te_switch.core.selection import SLOTS_BY_FAMILY, Selection
@@ -120,6 +123,20 @@ def _forge_pack_kind(module: torch.nn.Module) -> str | None:
 
 def _linear_weight_keys(t5: torch.nn.Module) -> list[str]:
     return [f"{name}.weight" for name, m in t5.named_modules() if type(m).__name__ == "Linear"]
+
+
+def _quantized_linear_keys(t5: torch.nn.Module) -> frozenset[str]:
+    """Linear weights of Forge's GGUF / bitsandbytes layers (``ForgeOperationsGGUF.Linear``, NF4/FP4):
+    only those classes compute with them, so a swap keeps them aside and never writes them."""
+    out = set()
+    for name, m in t5.named_modules():
+        weight = m._parameters.get("weight")
+        own_class = type(m).__qualname__.startswith(("ForgeOperationsGGUF.", "ForgeOperationsBNB4bits."))
+        if type(m).__name__ == "Linear" and (
+            own_class or hasattr(weight, "gguf_cls") or hasattr(weight, "bnb_quantized")
+        ):
+            out.add(f"{name}.weight")
+    return frozenset(out)
 
 
 def _forge_dense_dtype() -> torch.dtype:
@@ -258,6 +275,7 @@ class ForgeAdapter(HostAdapter):
         slot.pack_kind = _forge_pack_kind
         dense_dtype = _forge_dense_dtype()
         slot.store_dtypes = dict.fromkeys(_linear_weight_keys(t5), dense_dtype)
+        slot.held = _quantized_linear_keys(t5)
         origin = self._t5_origin.get(t5)
         if origin is None or not self.is_swapped("t5xxl", t5):
             origin = self._t5_origin[t5] = _t5_storage(t5)
@@ -317,16 +335,10 @@ class ForgeAdapter(HostAdapter):
     def requests(self, model: Any, selection: Selection, resolve: Resolver) -> list[SlotRequest]:
         out = []
         for request in super().requests(model, selection, resolve):
-            if request.slot.name == "t5xxl" and not request.choice.is_builtin:
-                origin = self._t5_origin.get(request.slot.module, "dense")
-                if origin == "quantized":
-                    raise IncompatibleError(
-                        "T5-XXL: this checkpoint's T5 is GGUF/NF4-quantised in Forge and cannot be swapped in place;"
-                        " load the T5 through Forge's 'VAE / Text Encoder' menu instead"
-                    )
-                if request.choice.precision == "auto":  # compute as Forge would from this file
-                    slot = replace(request.slot, to_host=_as_forge_loads(request.slot.to_host))
-                    request = replace(request, slot=slot)
+            t5_at_auto = request.choice.precision == "auto" and not request.choice.is_builtin
+            if request.slot.name == "t5xxl" and t5_at_auto:  # compute as Forge would from this file
+                slot = replace(request.slot, to_host=_as_forge_loads(request.slot.to_host))
+                request = replace(request, slot=slot)
             out.append(request)
         return out
 
@@ -349,6 +361,9 @@ class ForgeAdapter(HostAdapter):
         loader = getattr(joint, "lora_loader", None)
         if loader is not None:
             loader.refresh(lora_patches={}, offload_device=clip.patcher.offload_device)
+        # Forge bakes GGUF weights on its first load of the model; a held weight set aside before that would
+        # come back unbaked into a model marked baked
+        memory_management.bake_gguf_model(joint)
         memory_management.soft_empty_cache()
 
     def after_swap(self, model: Any) -> None:
@@ -370,8 +385,12 @@ class ForgeAdapter(HostAdapter):
         if tower is None:
             return None
         to_host = None
-        if name == "t5xxl" and self._t5_origin.get(self._joint(model).t5xxl.transformer) == "scaled-fp8":
-            to_host = t5_slot(name, self._joint(model).t5xxl.transformer).to_host  # the file's own scales
+        if name == "t5xxl":
+            t5 = self._joint(model).t5xxl.transformer
+            if self._t5_origin.get(t5) == "scaled-fp8":
+                to_host = t5_slot(name, t5).to_host  # the file's own scales
+            if tower.quant == "gguf":  # shared came through Forge's fp16 GGUF decoder
+                to_host = _as_forge_loads(to_host or t5_slot(name, t5).to_host)
         return BuiltinSource(tower.path, tower, to_host=to_host)
 
     def on_model_loaded(self, sd_model: Any) -> list[str]:
