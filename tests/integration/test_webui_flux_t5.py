@@ -72,3 +72,64 @@ def test_t5_swap_at_auto_equals_forge_loading_the_file(builtin: Result, name: st
         assert ours.hash == stock.hash, f"{name}: TE Switch vs Forge's menu: {_difference(ours, stock)}"
     again = txt2img([True], **FLUX)
     assert again.hash == builtin.hash, f"Built-in after {name}: {_difference(again, builtin)}"
+
+
+CLIP_L = os.environ.get("TE_SWITCH_WEBUI_CLIP_L_FILE", "")  # e.g. rig/longclip-l-hf.safetensors
+
+
+@pytest.mark.skipif(not CLIP_L, reason="TE_SWITCH_WEBUI_CLIP_L_FILE is not set")
+def test_both_slots_paste_refusals_and_restore(builtin: Result) -> None:
+    """T5 and CLIP-L swapped together: infotext names both and pastes back to the same image; missing,
+    truncated and wrong-kind T5 files are refused with 4xx and change nothing; Built-in restores both."""
+    from pathlib import Path
+
+    state = call("/te-switch/v1/state")
+    assert state["host"]["family"] in ("flux", "chroma")
+    assert "clip skip has no effect" in state["layers"]
+    t5 = FILES[0]
+    both = txt2img([{"t5xxl": t5, "clip_l": CLIP_L}], **FLUX)
+    assert both.hash != builtin.hash
+    assert f"TE T5-XXL: {t5} [" in both.infotext
+    assert f"TE CLIP-L: {CLIP_L} [" in both.infotext
+    slots = call("/te-switch/v1/state")["host"]["slots"]
+    assert (slots["t5xxl"]["encoder"], slots["clip_l"]["encoder"]) == (t5, CLIP_L)
+    pasted = Result(call("/sdapi/v1/txt2img", {"infotext": both.infotext}))
+    assert pasted.hash == both.hash
+    assert txt2img([True], **FLUX).hash == builtin.hash  # both back, bit for bit
+
+    folder = Path(os.environ["TE_SWITCH_WEBUI_MODELS"]) / "text_encoder" / "te-switch-it"
+    folder.mkdir(exist_ok=True)
+    source = Path(os.environ["TE_SWITCH_WEBUI_MODELS"]) / "text_encoder" / t5
+    truncated = folder / "t5-truncated.safetensors"
+    truncated.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    call("/te-switch/v1/refresh", {}, method="POST")
+    try:
+        for value in ("te-switch-it/nope.safetensors", f"te-switch-it/{truncated.name}", CLIP_L):
+            with pytest.raises(HTTPError) as info:
+                txt2img([{"t5xxl": value}], **FLUX)
+            assert 400 <= info.value.status < 500, (value, info.value.status, info.value.body)
+        assert txt2img([True], **FLUX).hash == builtin.hash
+    finally:
+        truncated.unlink(missing_ok=True)
+        folder.rmdir()
+        call("/te-switch/v1/refresh", {}, method="POST")
+
+
+GGUF_HELD = os.environ.get("TE_SWITCH_WEBUI_T5_GGUF_HELD", "")  # e.g. rig/t5xxl-d2-Q8_0.gguf
+
+
+@pytest.mark.skipif(not GGUF_HELD, reason="TE_SWITCH_WEBUI_T5_GGUF_HELD is not set")
+def test_swap_into_a_t5_forge_holds_as_gguf(builtin: Result) -> None:
+    """Forge holding a GGUF T5 from its own menu: a swapped file gives Forge's own image for that file, and
+    Built-in gives the GGUF image back bit for bit."""
+    call("/sdapi/v1/options", {"forge_additional_modules": [GGUF_HELD]})
+    try:
+        held = txt2img([True], **FLUX)
+        assert held.hash != builtin.hash
+        name = FILES[0]
+        ours = txt2img([{"t5xxl": name}], **FLUX)
+        assert txt2img([True], **FLUX).hash == held.hash, "Built-in after a swap into the GGUF-held T5"
+        stock = txt2img(None, override_settings={"forge_additional_modules": [name]}, **FLUX)
+        assert ours.hash == stock.hash, f"{name} into a GGUF-held T5 vs Forge's menu: {_difference(ours, stock)}"
+    finally:
+        call("/sdapi/v1/options", {"forge_additional_modules": []})
