@@ -97,7 +97,15 @@ class Env:
 
 
 @contextmanager
-def forge(a: Assets, family: str, *, install: bool = True, extra: dict | None = None) -> Iterator[Env]:
+def forge(
+    a: Assets,
+    family: str,
+    *,
+    install: bool = True,
+    extra: dict | None = None,
+    checkpoint: Path | None = None,
+    modules: list[Path] | None = None,
+) -> Iterator[Env]:
     """A fake Forge with ``family``'s checkpoint loaded (like after the first Generate)."""
     with fake_webui("forge"):
         from modules import processing, sd_models, shared
@@ -105,8 +113,9 @@ def forge(a: Assets, family: str, *, install: bool = True, extra: dict | None = 
 
         from te_switch.hosts.forge import ForgeAdapter
 
-        info = sd_models.register_checkpoint(str(a.checkpoints[family]))
+        info = sd_models.register_checkpoint(str(checkpoint or a.checkpoints[family]))
         shared.opts.set("sd_model_checkpoint", info.title)
+        shared.opts.set("forge_additional_modules", [str(m) for m in modules or ()])  # the VAE / Text Encoder menu
         main_entry.refresh_model_loading_parameters()
         model, _ = sd_models.forge_model_reload()
         processing.need_global_unload = False  # as the first generation's manage_model_and_prompt_cache leaves it
@@ -229,6 +238,7 @@ def test_live_model_family_and_slots(assets: Assets) -> None:
         "sdxl-refiner": ("sdxl-refiner", ["clip_g"]),
         "sd35": ("sd3", ["clip_l", "clip_g", "t5xxl"]),
         "flux": ("flux", ["clip_l", "t5xxl"]),
+        "chroma": ("chroma", ["t5xxl"]),
     }
     for engine, (family, slots) in expected.items():
         with forge(assets, engine, install=False) as env:
@@ -239,9 +249,8 @@ def test_live_model_family_and_slots(assets: Assets) -> None:
             for name, slot in live.items():
                 assert slot.module is slot_module(env, name)  # the HF CLIPTextModel / Forge T5 itself
     with forge(assets, "chroma") as env:
-        assert env.adapter.family(env.model) is None
-        assert env.adapter.apply(sel(t5xxl="t5-fp16")) == []
-        assert "only T5" in env.adapter.describe(Selection())
+        assert env.adapter.describe(Selection()) == "Chroma uses only T5: clip skip has no effect"
+        assert env.adapter.describe(sel(4)) == "Chroma uses only T5: clip skip has no effect"
 
 
 def test_install_is_idempotent_and_uninstall_restores(assets: Assets) -> None:
@@ -757,7 +766,7 @@ def test_t5_swap_fp16_file(assets: Assets, family: str) -> None:
         t5_part = cond["crossattn"][:, -expected.shape[1] :]
         torch.testing.assert_close(t5_part, expected, atol=1e-4, rtol=1e-4)
         if family == "flux":
-            assert torch.equal(cond["vector"], native["vector"])  # CLIP-L untouched
+            assert torch.equal(cond["vector"][:1], native["vector"])  # CLIP-L untouched
         env.apply(Selection())
         assert_same(before, params(t5))
         restored = env.encode(Selection(), [PLAIN])
@@ -786,60 +795,251 @@ def test_t5_scaled_fp8_file_into_fp16_slot(assets: Assets) -> None:
         assert_same(before, params(t5))
 
 
-def test_t5_gguf_file_into_fp16_slot(assets: Assets) -> None:
-    from te_switch.core import lowbit
+# T5 at Auto = Forge loading the same file itself. The reference is a second code path: the file read the
+# way Forge's *VAE / Text Encoder* menu reads it (the fake ``replace_state_dict`` step: a GGUF's names
+# renamed, ParameterGGUF weights), built by the fake ``load_huggingface_component`` (GGUF into
+# ``ForgeOperationsGGUF`` layers) into a fresh T5 and encoded by a fresh ``T5TextProcessingEngine``.
+# Swapped and reference must agree bit for bit.
+T5_STORAGES = ["fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_scaled", "Q8_0", "Q8_0-f16emb"]
 
-    held = assets.weights["t5_q8_file"]
-    # what the slot computes with: Linear weights expanded into its fp16 storage, the embedding packed
-    ref = hf_t5({k: v if k == "shared.weight" or v.dim() < 2 else v.half().float() for k, v in held.items()})
-    with forge(assets, "flux") as env:
+
+def _t5_file(root: Path, storage: str, weights: dict[str, torch.Tensor]) -> Path:
+    """One T5 file of ``weights`` in ``storage``, laid out as the files users download are."""
+    import filemakers as fm
+    from safetensors.torch import save_file
+    from synth_gguf import hf_t5_to_llama_names, write_gguf
+
+    if storage.startswith("Q8_0"):
+        path = root / f"t5-{storage}.gguf"
+        names = hf_t5_to_llama_names(weights)
+        qtypes = {n: "Q8_0" for n, v in names.items() if v.dim() == 2 and "rel_b" not in n}
+        if storage.endswith("f16emb"):
+            qtypes["token_embd.weight"] = "F16"
+        write_gguf(path, names, qtypes)
+        return path
+    if storage == "fp8_e4m3fn_scaled":
+        stored, _ = fm.scaled_fp8_state(weights)
+    elif storage.startswith("fp8"):
+        fp8 = torch.float8_e4m3fn if storage == "fp8_e4m3fn" else torch.float8_e5m2
+        stored = {k: v.to(fp8) if v.dim() == 2 and "relative" not in k else v.float() for k, v in weights.items()}
+    else:
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[storage]
+        stored = {k: v.to(dtype) for k, v in weights.items()}
+    path = root / f"t5-{storage}.safetensors"
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(path))
+    return path
+
+
+def _forge_reads(path: Path) -> dict[str, Any]:
+    """The file's tensors as Forge's menu hands them to its loader (Forge's names). For a GGUF with an F16
+    token table, which Forge 2.0.1 fails to load, what it would do with that bug fixed (the table as stored)."""
+    from backend.loader import _t5_module_state
+
+    return _t5_module_state(str(path), fixed=True)
+
+
+def forge_encodes_t5(env: Env, path: Path, prompts: list[str]) -> torch.Tensor:
+    """Stock Forge's T5 output for ``prompts`` with ``path`` loaded by its own loader (the reference)."""
+    from backend.loader import load_huggingface_component
+    from backend.text_processing.t5_engine import T5TextProcessingEngine
+
+    model = load_huggingface_component(
+        None, "text_encoder_2", "transformers", "T5EncoderModel", str(env.assets.repos["flux"]), _forge_reads(path)
+    )
+    from backend import memory_management
+
+    memory_management.bake_gguf_model(model)  # what Forge's load_model_gpu does first
+    own = env.model.text_processing_engine_t5
+    engine = T5TextProcessingEngine(model, own.tokenizer, min_length=own.min_length)
+    with torch.inference_mode():
+        return engine(prompts)
+
+
+@pytest.fixture(scope="module")
+def t5_files(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from fakes.forge.assets import t5_weights
+
+    root = tmp_path_factory.mktemp("t5_storages")
+    weights = t5_weights(45)
+    return {storage: _t5_file(root, storage, weights) for storage in T5_STORAGES}
+
+
+def _with_t5(a: Assets, root: Path, t5: dict[str, torch.Tensor]) -> Path:
+    """The Flux checkpoint with its T5 stored as ``t5`` (canonical names), as Forge would hold a menu file."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(a.checkpoints["flux"]), framework="pt") as f:
+        meta = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("text_encoder_2.")}  # noqa: SIM118
+    state.update({f"text_encoder_2.transformer.{k}": v.contiguous() for k, v in t5.items()})
+    path = root / "ckpt_flux_t5.safetensors"
+    save_file(state, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("held", ["fp16", "fp8", "scaled-fp8"])
+@pytest.mark.parametrize("storage", T5_STORAGES)
+def test_t5_auto_equals_forge_loading_the_file(
+    assets: Assets, t5_files: dict[str, Path], tmp_path: Path, storage: str, held: str
+) -> None:
+    """Whatever the slot holds (the checkpoint's fp16 T5, an fp8 or a scaled-fp8 one), a swap at Auto computes
+    exactly what Forge computes having loaded that file itself; Built-in gives the slot back bit for bit."""
+    checkpoint = None
+    if held == "fp8":
+        weights = assets.weights["t5"]
+        t5 = {k: v.to(torch.float8_e4m3fn) if v.dim() == 2 and "relative" not in k else v for k, v in weights.items()}
+        checkpoint = _with_t5(assets, tmp_path, t5)
+    path = t5_files[storage]
+    label = f"t5-{storage}"
+    extra = {label: source(path, "t5-xxl", label)}
+    with forge(assets, "flux", extra=extra, checkpoint=checkpoint) as env:
         t5 = slot_module(env, "t5xxl")
-        env.encode(None, [PLAIN])
-        before = params(t5)
-        env.apply(sel(t5xxl="t5-q8"))
-        assert lowbit.is_attached(t5.shared)  # Forge's Embedding is an nn.Embedding: it stays Q8_0
-        cond = env.encode(sel(t5xxl="t5-q8"), [PLAIN])
-        with torch.no_grad():
-            expected = ref(input_ids=t5_ids(env, PLAIN)).last_hidden_state
-        torch.testing.assert_close(cond["crossattn"], expected, atol=1e-4, rtol=1e-4)
-        env.apply(Selection())
-        assert not lowbit.is_attached(t5.shared)
-        assert_same(before, params(t5))
-
-
-def test_t5_quantized_slot_refused_and_fp8_slot_widened(assets: Assets) -> None:
-    from te_switch.core.errors import IncompatibleError
-
-    with forge(assets, "flux") as env:
-        from backend.operations_gguf import ParameterGGUF
-
-        t5 = slot_module(env, "t5xxl")
-        wo = t5.encoder.block[1].layer[1].DenseReluDense.wo
-        original = wo.weight
-        wo.weight = ParameterGGUF(original.detach().clone(), gguf_cls=None)
-        before = params(t5)
-        with pytest.raises(IncompatibleError) as info:
-            env.apply(sel(t5xxl="t5-fp16"))
-        assert "GGUF" in one_line(info.value)
-        assert_same(before, params(t5))
-        wo.weight = original
-    with forge(assets, "flux") as env:
-        t5 = slot_module(env, "t5xxl")
-        for m in t5.modules():  # Forge holding a scaled-fp8 T5: fp8 weights + scale_weight
-            if type(m).__name__ == "Linear":
-                m.weight = torch.nn.Parameter(m.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
-                m.scale_weight = torch.nn.Parameter(torch.tensor(1.0))
+        if held == "scaled-fp8":  # Forge holding a scaled-fp8 T5: fp8 Linear weights and their scale_weight
+            for m in t5.modules():
+                if type(m).__name__ == "Linear":
+                    m.weight = torch.nn.Parameter((m.weight.detach() * 2).to(torch.float8_e4m3fn), requires_grad=False)
+                    m.scale_weight = torch.nn.Parameter(torch.tensor(0.5), requires_grad=False)
         native = env.encode(None, [PLAIN])
         before = params(t5)
-        env.apply(sel(t5xxl="t5-fp16"))
-        applied = env.adapter.engine.applied(env.adapter.slots(env.model)["t5xxl"])
-        assert applied.precision == "fp16"
-        assert all(float(v) == 1.0 for k, v in t5.state_dict().items() if k.endswith("scale_weight"))
-        ref = hf_t5(assets.weights["t5_file"])
-        with torch.no_grad():
-            expected = ref(input_ids=t5_ids(env, PLAIN)).last_hidden_state
-        cond = env.encode(sel(t5xxl="t5-fp16"), [PLAIN])
-        torch.testing.assert_close(cond["crossattn"], expected, atol=2e-2, rtol=2e-2)  # computed in fp16
+        assert env.apply(sel(t5xxl=label)) == ["t5xxl"]
+        assert env.adapter.engine.applied(env.adapter.slots(env.model)["t5xxl"]).precision == "auto"
+        cond = env.encode(sel(t5xxl=label), [PLAIN, PROMPT])
+        expected = forge_encodes_t5(env, path, [PLAIN, PROMPT])
+        assert cond["crossattn"].dtype == expected.dtype == torch.float32
+        assert torch.equal(cond["crossattn"], expected)
+        assert torch.equal(cond["vector"][:1], native["vector"])  # CLIP-L untouched
         env.apply(Selection())
         assert_same(before, params(t5))
         assert torch.equal(env.encode(Selection(), [PLAIN])["crossattn"], native["crossattn"])
+
+
+def test_t5_gguf_auto_keeps_weights_packed_and_fp32_is_exact(assets: Assets, t5_files: dict[str, Path]) -> None:
+    """A GGUF at Auto stays packed in Forge's Linear layers (``shared`` is written into Forge's fp32 table);
+    fp32 precision expands the file exactly instead (no fp16 rounding): closer to an exact fp32 encode."""
+    from te_switch.core import lowbit
+    from te_switch.core.convert import load_tower
+    from te_switch.core.tensors import materialize
+
+    path = t5_files["Q8_0"]
+    extra = {"q8": source(path, "t5-xxl", "q8")}
+    with open_file(str(path)) as src:
+        exact = hf_t5(materialize(load_tower(src, extra["q8"].tower), torch.float32))
+    with forge(assets, "flux", extra=extra) as env:
+        t5 = slot_module(env, "t5xxl")
+        env.apply(sel(t5xxl="q8"))
+        assert lowbit.is_attached(t5.encoder.block[0].layer[0].SelfAttention.q)
+        assert not lowbit.is_attached(t5.shared)
+        assert t5.shared.weight.dtype == torch.float32
+        auto = env.encode(sel(t5xxl="q8"), [PLAIN])["crossattn"]
+        env.apply(sel(t5xxl=SlotChoice("q8", "fp32")))
+        fp32 = env.encode(sel(t5xxl=SlotChoice("q8", "fp32")), [PLAIN])["crossattn"]
+        with torch.no_grad():
+            reference = exact(input_ids=t5_ids(env, PLAIN)).last_hidden_state
+        torch.testing.assert_close(fp32, reference, atol=1e-5, rtol=1e-5)
+        assert (auto - reference).abs().max() > (fp32 - reference).abs().max()
+        env.apply(Selection())
+
+
+def _objects(module: torch.nn.Module) -> dict[str, tuple[Any, torch.Tensor]]:
+    """Every parameter's class, GGUF attributes and bytes (Forge makes new ParameterGGUF objects on every move)."""
+    gguf = ("gguf_cls", "real_shape", "computation_dtype", "baked")
+    return {
+        k: ((type(p), *(getattr(p, a, None) for a in gguf)), p.data.detach().clone())
+        for k, p in module.named_parameters()
+    }
+
+
+@pytest.mark.parametrize("storage", ["fp16", "fp8_e4m3fn_scaled", "Q8_0", "Q8_0-f16emb"])
+def test_t5_swap_into_a_gguf_held_slot(assets: Assets, t5_files: dict[str, Path], storage: str) -> None:
+    """A T5 Forge holds as GGUF (from its menu: ParameterGGUF weights in ForgeOperationsGGUF layers) takes a
+    dense, fp8 or GGUF file at Auto, computing what Forge computes with that file; Built-in puts Forge's own
+    Parameter objects back untouched; fp32 computes in fp32."""
+    from te_switch.core import lowbit
+    from te_switch.core.convert import load_tower
+    from te_switch.core.tensors import materialize
+
+    menu = t5_files["Q8_0"]
+    path = t5_files[storage]
+    extra = {"t5": source(path, "t5-xxl", "t5")}
+    with forge(assets, "flux", extra=extra, modules=[menu]) as env:
+        t5 = slot_module(env, "t5xxl")
+        q = t5.encoder.block[0].layer[0].SelfAttention.q
+        assert type(q).__qualname__ == "ForgeOperationsGGUF.Linear"
+        native = env.encode(None, [PLAIN])
+        assert torch.equal(native["crossattn"], forge_encodes_t5(env, menu, [PLAIN]))  # the fake's menu path
+        before = _objects(t5)
+        assert env.apply(sel(t5xxl="t5")) == ["t5xxl"]
+        assert lowbit.is_attached(q)
+        cond = env.encode(sel(t5xxl="t5"), [PLAIN, PROMPT])
+        assert torch.equal(cond["crossattn"], forge_encodes_t5(env, path, [PLAIN, PROMPT]))
+        env.apply(sel(t5xxl=SlotChoice("t5", "fp32")))
+        fp32 = env.encode(sel(t5xxl=SlotChoice("t5", "fp32")), [PLAIN])["crossattn"]
+        with open_file(str(path)) as src:
+            exact = hf_t5(materialize(load_tower(src, extra["t5"].tower), torch.float32))
+        with torch.no_grad():
+            reference = exact(input_ids=t5_ids(env, PLAIN)).last_hidden_state
+        torch.testing.assert_close(fp32, reference, atol=1e-5, rtol=1e-5)
+        env.apply(Selection())
+        assert not lowbit.is_attached(q)
+        after = _objects(t5)
+        assert after.keys() == before.keys()
+        for k, (obj, data) in before.items():
+            assert after[k][0] == obj, k  # a ParameterGGUF as Forge made it
+            assert torch.equal(after[k][1], data), k
+        assert hasattr(q.weight, "gguf_cls")
+        restored = env.encode(Selection(), [PLAIN])
+        assert torch.equal(restored["crossattn"], native["crossattn"])
+
+
+@pytest.mark.parametrize("storage", ["fp16", "fp8_e4m3fn_scaled", "Q8_0"])
+def test_chroma_t5_swap_auto_and_restore(assets: Assets, t5_files: dict[str, Path], storage: str) -> None:
+    """Chroma's only encoder: its T5 (engine padding to 1 token, no mask) swaps as on Flux — Auto equals Forge
+    loading the file, clip skip changes nothing, an explicit fp32 computes in fp32, Built-in is bit-exact."""
+    path = t5_files[storage]
+    extra = {"t5": source(path, "t5-xxl", "t5")}
+    with forge(assets, "chroma", extra=extra) as env:
+        t5 = slot_module(env, "t5xxl")
+        native = env.encode(None, [PLAIN])
+        before = params(t5)
+        assert env.apply(sel(t5xxl="t5")) == ["t5xxl"]
+        cond = env.encode(sel(t5xxl="t5"), [PROMPT])
+        assert cond.shape[1] == len(t5_ids(env, PROMPT)[0])  # padded to 1 token, not 256
+        assert torch.equal(cond, forge_encodes_t5(env, path, [PROMPT]))
+        assert torch.equal(env.encode(sel(3, t5xxl="t5"), [PROMPT]), cond)
+        env.apply(sel(t5xxl=SlotChoice("t5", "fp32")))
+        assert t5.encoder.final_layer_norm.weight.dtype == torch.float32
+        assert t5.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.float32
+        env.encode(sel(t5xxl=SlotChoice("t5", "fp32")), [PLAIN])
+        env.apply(Selection())
+        assert_same(before, params(t5))
+        assert torch.equal(env.encode(Selection(), [PLAIN]), native)
+
+
+def test_flux_long_clip_pools_first_eos_and_fp32_is_exact(assets: Assets) -> None:
+    """Flux takes CLIP-L's pooled vector: with Long-CLIP and a ~200-token prompt it comes from the first EOS of
+    one 248-position encode. fp32 on both slots equals an fp32 reference encode of the same weights."""
+    long_ref = hf_clip("l", assets.weights["long_file"], positions=248)
+    t5_ref = hf_t5(assets.weights["t5_file"])
+    words = " ".join(["fox", "snow", "tree", "light"] * 50)  # 200 tokens
+    choice = sel(clip_l=SlotChoice("long-l", "fp32"), t5xxl=SlotChoice("t5-fp16", "fp32"))
+    with forge(assets, "flux") as env:
+        native = env.encode(None, [words])
+        env.apply(choice)
+        assert env.model.text_processing_engine_l.chunk_length == 246
+        cond = env.encode(choice, [words])
+        ids = clip_ids(env, "clip_l", words)
+        assert ids.shape == (1, 248)
+        eos = int(ids[0].argmax())
+        assert eos == 201  # BOS + 200 words: the first EOS (the padding repeats it)
+        with torch.no_grad():
+            out = long_ref(ids, output_hidden_states=True)
+            t5_expected = t5_ref(input_ids=t5_ids(env, words)).last_hidden_state
+        torch.testing.assert_close(out.pooler_output, out.last_hidden_state[:, eos], atol=0, rtol=0)
+        torch.testing.assert_close(cond["vector"], out.pooler_output, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(cond["crossattn"], t5_expected, atol=1e-6, rtol=1e-5)
+        env.apply(Selection())
+        assert env.model.text_processing_engine_l.chunk_length == 75
+        restored = env.encode(Selection(), [words])
+        for k in native:
+            assert torch.equal(restored[k], native[k]), k

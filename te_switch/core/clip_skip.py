@@ -25,8 +25,17 @@ NATIVE_SKIP: dict[str, dict[str, int]] = {
     "sdxl-refiner": {"clip_g": 2},
     "sd3": {"clip_l": 2, "clip_g": 2},
     "flux": {"clip_l": 1},
+    "chroma": {},
 }
-FINAL_LAYER_NORM = {"sd1": True, "sd2": True, "sdxl": False, "sdxl-refiner": False, "sd3": False, "flux": True}
+FINAL_LAYER_NORM = {
+    "sd1": True,
+    "sd2": True,
+    "sdxl": False,
+    "sdxl-refiner": False,
+    "sd3": False,
+    "flux": True,
+    "chroma": False,
+}
 POOLED_ONLY_FAMILIES = ("flux",)  # CLIP hidden states are discarded; only the pooled vector is used
 # towers a host may hold without their last blocks: SD2's CLIP-H is 23 of OpenCLIP-H's 24 layers in
 # Forge and diffusers (A1111 keeps all 24)
@@ -105,6 +114,8 @@ def describe(family: str, plans: list[TowerPlan], *, note: str | None = None) ->
     label = FAMILY_LABELS.get(family, family)
     if family in POOLED_ONLY_FAMILIES:
         return f"{label} uses only CLIP-L's pooled output: clip skip has no effect"
+    if not clip_towers(family):
+        return f"{label} uses only T5: clip skip has no effect"
     parts = [label]
     parts += [f"{SLOT_LABELS[p.tower]} layer {p.layer}/{p.layers}" for p in plans]
     if plans and all(p.native for p in plans):

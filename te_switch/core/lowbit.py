@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from te_switch.core.tensors import DEQUANTIZERS, FLOAT8_DTYPES, PackedTensor, dtype_name
+from te_switch.core.tensors import DEQUANTIZERS, FLOAT8_DTYPES, SAFETENSORS_DTYPES, PackedTensor, dtype_name
 
 RAW_BUFFER = "weight_lowbit_raw"
 SCALE_BUFFER = "weight_lowbit_scale"
@@ -56,6 +56,7 @@ _STATE = "_te_switch_lowbit"
 _OVERRIDDEN = ("forward", "_apply")
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FP8_QTYPES = ("F8_E4M3", "F8_E5M2")
+DENSE_QTYPES = ("F16", "BF16", "F32")  # a dense weight kept as its bytes, for a layer only its host can hold
 
 
 @dataclass(eq=False)
@@ -71,6 +72,7 @@ class _Lowbit:
     original: nn.Parameter | None
     saved_attrs: dict[str, Any] = field(default_factory=dict)  # instance forward/_apply from before attach
     hook: Any = None
+    decode: Any = None  # the weight's own expansion (PackedTensor.decode), kept with its bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +204,9 @@ def _as_packed(weight: PackedTensor | torch.Tensor) -> PackedTensor:
         if weight.qtype in FP8_QTYPES:
             if weight.raw.dtype not in FLOAT8_DTYPES:
                 raise ValueError(f"{weight.qtype} PackedTensor holds {weight.raw.dtype}, not fp8 data")
+        elif weight.qtype in DENSE_QTYPES:
+            if weight.raw.dtype != SAFETENSORS_DTYPES[weight.qtype]:
+                raise ValueError(f"{weight.qtype} PackedTensor holds {weight.raw.dtype}")
         elif weight.qtype not in DEQUANTIZERS:
             raise ValueError(f"no decoder for quantisation type {weight.qtype}")
         return weight
@@ -242,6 +247,7 @@ def _install(
     """Make ``data``/``scale`` (from :func:`_to_bytes`) the module's compressed weight."""
     state.qtype = packed.qtype
     state.raw_dtype = packed.raw.dtype
+    state.decode = packed.decode
     for name in (RAW_BUFFER, SCALE_BUFFER):
         if name in module._buffers:
             delattr(module, name)
@@ -258,7 +264,7 @@ def _packed(module: nn.Module, state: _Lowbit) -> PackedTensor:
     scale = None
     if state.scale_dtype is not None:
         scale = module._buffers[SCALE_BUFFER].view(state.scale_dtype).reshape(state.scale_shape)
-    return PackedTensor(state.qtype, raw, state.shape, scale)
+    return PackedTensor(state.qtype, raw, state.shape, scale, state.decode)
 
 
 def _live_state(module: nn.Module) -> _Lowbit:
@@ -322,7 +328,9 @@ def _embedding_rows(packed: PackedTensor, ids: torch.Tensor, dtype: torch.dtype)
     if used.numel() and (int(used[0]) < 0 or int(used[-1]) >= num):
         raise IndexError(f"index out of range in self (ids must lie in [0, {num}))")
     raw_rows = packed.raw.index_select(0, used.to(packed.raw.device))
-    rows = PackedTensor(packed.qtype, raw_rows, torch.Size((used.numel(), packed.shape[1])), packed.scale)
+    rows = PackedTensor(
+        packed.qtype, raw_rows, torch.Size((used.numel(), packed.shape[1])), packed.scale, packed.decode
+    )
     return F.embedding(position.reshape(ids.shape), rows.dequantize(dtype, ids.device))
 
 

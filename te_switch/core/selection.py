@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "flux")
+FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "flux", "chroma")
 FAMILY_LABELS = {
     "sd1": "SD1",
     "sd2": "SD2",
@@ -18,6 +18,7 @@ FAMILY_LABELS = {
     "sdxl-refiner": "SDXL refiner",
     "sd3": "SD3",
     "flux": "Flux",
+    "chroma": "Chroma",
 }
 SLOTS_BY_FAMILY: dict[str, tuple[str, ...]] = {
     "sd1": ("clip_l",),
@@ -26,6 +27,7 @@ SLOTS_BY_FAMILY: dict[str, tuple[str, ...]] = {
     "sdxl-refiner": ("clip_g",),
     "sd3": ("clip_l", "clip_g", "t5xxl"),
     "flux": ("clip_l", "t5xxl"),
+    "chroma": ("t5xxl",),
 }
 SLOT_LABELS = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "clip_h": "CLIP-H", "t5xxl": "T5-XXL"}
 # which detected kinds may fill a slot (shapes are checked again against the live module)

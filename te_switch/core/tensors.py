@@ -77,15 +77,24 @@ class PackedTensor:
 
     ``raw`` is the stored data: for GGUF block formats the uint8 blocks, one row of blocks per
     logical row; for scaled fp8 the fp8 tensor itself. ``scale`` (scaled fp8 only) multiplies it.
+    ``decode`` (optional) is a host's own expansion, for a swap that must compute exactly as that host
+    would from the same file (Forge expands GGUF in fp16 with its own op order): it gets this weight
+    (raw on the target device, no ``decode``) and its result is cast to the dtype asked for.
     """
 
     qtype: str
     raw: torch.Tensor
     shape: torch.Size
     scale: torch.Tensor | None = None
+    decode: Callable[[PackedTensor], torch.Tensor] | None = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
         raw = self.raw if device is None else self.raw.to(device)
+        if self.decode is not None:
+            plain = PackedTensor(self.qtype, raw, self.shape, None if self.scale is None else self.scale.to(raw.device))
+            return self.decode(plain).to(dtype)
+        if self.qtype in ("F16", "BF16", "F32"):  # a dense weight kept as its bytes (core.lowbit)
+            return raw.reshape(self.shape).to(dtype)
         if self.qtype in ("F8_E4M3", "F8_E5M2"):
             # compute the product in fp32 so the result does not depend on the target dtype's rounding twice
             out = raw.to(torch.float32)
@@ -117,7 +126,7 @@ class PackedTensor:
 
     def to(self, device: torch.device | str) -> PackedTensor:
         scale = None if self.scale is None else self.scale.to(device)
-        return PackedTensor(self.qtype, self.raw.to(device), self.shape, scale)
+        return PackedTensor(self.qtype, self.raw.to(device), self.shape, scale, self.decode)
 
 
 Weight = torch.Tensor | PackedTensor

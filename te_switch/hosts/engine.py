@@ -38,7 +38,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -59,6 +59,7 @@ from te_switch.core.tensors import (
     Weight,
     all_finite,
     dense,
+    dtype_name,
     is_compressed,
 )
 
@@ -84,6 +85,14 @@ class LiveSlot:
     pack_kind: Callable[[torch.nn.Module], str | None] | None = None
     # live keys that stay fp32 when fp16 is asked for (T5's feed-forward output overflows fp16)
     keep_fp32: frozenset[str] = frozenset()
+    # at Auto: live keys whose dense incoming values the host would store in another dtype than the slot
+    # holds now (Forge keeps an fp8 file's T5 Linear weights as fp8, a dense file's as fp16)
+    store_dtypes: Mapping[str, torch.dtype] = field(default_factory=dict)
+    # live Linear weights only the host's own layer class can hold (Forge's GGUF/NF4 Linear weights): never
+    # written; every swap keeps their Parameter object aside and attaches the incoming weight packed
+    # (``core.lowbit``, dense values in their ``store_dtypes`` or the asked precision); Built-in puts the
+    # host's own object back
+    held: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if not self.kinds:
@@ -210,6 +219,11 @@ class _Original:
     view: torch.Tensor | None = None  # the host's own view of a mapped file (no memory of its own)
     copy: torch.Tensor | None = None  # CPU copy in the host's dtype: the file cannot give it back
     rebuilt: bool = False  # position ids: arange(positions), what resize() writes
+    held: bool = False  # the host's own Parameter, kept aside by core.lowbit while swapped
+
+    @property
+    def from_file(self) -> bool:
+        return self.view is None and self.copy is None and not self.rebuilt and not self.held
 
 
 @dataclass
@@ -551,6 +565,9 @@ class SwapEngine:
                 recipe, mem.origin = {}, None
         kept, missed = 0, []
         for key, tensor in live.items():
+            if key in slot.held:  # the object itself comes back (core.lowbit keeps it): nothing to fingerprint
+                mem.originals[key] = _Original(tensor.dtype, tuple(tensor.shape), b"", held=True)
+                continue
             original = _Original(tensor.dtype, tuple(tensor.shape), fingerprint(tensor))
             if is_mapped(tensor, ranges):
                 original.view = tensor.detach()  # the host's own view of its file: free to keep
@@ -590,7 +607,7 @@ class SwapEngine:
         live = slot.live_tensors()
         ranges = mapped_ranges()
         keep_packed = dtype is None and any(is_compressed(v) for v in tensors.values())
-        if keep_packed:
+        if keep_packed or slot.held:
             from te_switch.core import lowbit
         written: set[int] = set()  # tied tensors are written once; each module sharing one is packed
         writes = _Writes(ranges)
@@ -599,12 +616,21 @@ class SwapEngine:
             owner = _owner(slot.module, key)
             if owner is None:
                 raise RuntimeError(f"the module has no place for {key}")
+            if key in slot.held:
+                if owner not in mem.packed:
+                    shown = slot.store_dtypes.get(key, torch.float16) if dtype is None else dtype
+                    shown = shown if shown in lowbit.COMPUTE_DTYPES else torch.float16
+                    lowbit.attach(owner, _packable(value, shown, exact=dtype is not None), kind="linear", dtype=shown)
+                    mem.packed.append(owner)
+                continue
             kind = (slot.pack_kind or default_pack_kind)(owner) if keep_packed else None
             if kind is not None and is_compressed(value) and key.endswith(".weight"):
                 if owner not in mem.packed:
                     # the slot's own weight is written back from its source at Built-in: free it meanwhile
                     # (position tables stay: their row count is how the slot says its position count)
-                    lowbit.attach(owner, value, kind=kind, release=key not in slot.position_keys)
+                    shown = slot.store_dtypes.get(key)  # the placeholder's dtype where the live one is fp8
+                    shown = shown if shown in lowbit.COMPUTE_DTYPES and not _computes(live[key]) else None
+                    lowbit.attach(owner, value, kind=kind, dtype=shown, release=key not in slot.position_keys)
                     mem.packed.append(owner)
                 continue
             if id(target) in written:
@@ -620,6 +646,8 @@ class SwapEngine:
             return tensor.dtype
         if dtype is not None:
             return torch.float32 if dtype == torch.float16 and key in slot.keep_fp32 else dtype
+        if key in slot.store_dtypes:
+            return slot.store_dtypes[key]
         original = mem.originals.get(key)
         return original.dtype if original is not None else tensor.dtype
 
@@ -653,14 +681,14 @@ class SwapEngine:
                 if original.view is not None:
                     tensor.data = original.view
                     continue
-                if original.rebuilt:
+                if original.rebuilt or original.held:
                     continue
                 writes.add(_owner(slot.module, key), key, tensor, origin.value(key), original.dtype)
             writes.flush()
         finally:
             origin.close()
         live = _distinct(slot.live_tensors())
-        wrong = [k for k, o in mem.originals.items() if k in live and fingerprint(live[k]) != o.print]
+        wrong = [k for k, o in mem.originals.items() if k in live and not o.held and fingerprint(live[k]) != o.print]
         if wrong:
             raise TESwitchError(f"{slot.label}: Built-in could not be proven bit-identical ({wrong[0]} differs)")
 
@@ -694,7 +722,7 @@ class _OriginReader:
         return self._recipe
 
     def needs_file(self) -> bool:
-        return any(o.view is None and o.copy is None and not o.rebuilt for o in self.mem.originals.values())
+        return any(o.from_file for o in self.mem.originals.values())
 
     def check_unchanged(self) -> None:
         """Before anything changes: the host's file must still give every fingerprinted tensor (a few
@@ -711,7 +739,7 @@ class _OriginReader:
                 " (reload the checkpoint)"
             ) from None
         for key, original in mem.originals.items():
-            if original.view is None and original.copy is None and not original.rebuilt:
+            if original.from_file:
                 value = recipe.get(key)
                 if value is None or fingerprint(_as_host(value, original.dtype, mem.origin)) != original.print:
                     raise TESwitchError(
@@ -725,6 +753,8 @@ class _OriginReader:
             return original.view
         if original.copy is not None:
             return original.copy
+        if original.held:  # the file's own weight, as stored: the host's layer never held anything else
+            return self._file()[key]
         return _as_host(self._file()[key], original.dtype, self.mem.origin)
 
     def close(self) -> None:
@@ -806,6 +836,21 @@ def _write(owner: torch.nn.Module, values: Mapping[str, Weight]) -> None:
     missing = set(values) & set(result.missing_keys)
     if result.unexpected_keys or missing:
         raise RuntimeError(f"the module did not take {sorted(missing or set(result.unexpected_keys))[0]}")
+
+
+def _packable(value: Weight, dtype: torch.dtype, *, exact: bool) -> Weight:
+    """A weight ``core.lowbit`` can attach: compressed as it is (``exact``: our own decoders, not a host's),
+    a dense one stored in ``dtype``."""
+    if isinstance(value, PackedTensor):
+        return replace(value, decode=None) if exact and value.decode is not None else value
+    if is_compressed(value):
+        return value
+    stored = value.to(dtype) if value.dtype != dtype else value
+    return PackedTensor(dtype_name(stored.dtype), stored, stored.shape)
+
+
+def _computes(t: torch.Tensor) -> bool:
+    return t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def default_pack_kind(module: torch.nn.Module) -> str | None:

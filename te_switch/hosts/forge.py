@@ -40,18 +40,26 @@ After ``forge_model_reload`` call :meth:`ForgeAdapter.on_model_loaded` (register
 Decisions
 ---------
 * CLIP files are always loaded dense in the slot's dtype (Forge upcasts fp8 CLIP files too).
-* T5 into a dense (fp16/bf16/fp32) slot: dense files are copied in. Compressed files (fp8, scaled
-  fp8, GGUF) at Auto precision stay compressed (``core.lowbit``): Forge's ``ForgeOperations.Linear`` is
-  a plain ``nn.Module`` with Linear's attributes, so the slot tells the engine which of its layers can
-  expand a weight per forward (``_forge_pack_kind``). At an explicit precision everything is expanded
-  to that dtype.
-* T5 into a slot Forge holds as fp8 / scaled fp8: an Auto precision is taken as fp16 (copying into fp8
-  storage would re-quantise the file, and Forge's ``scale_weight`` would rescale it); the slot's
-  ``scale_weight`` values are set to 1 while swapped. Built-in brings back the fp8 weights and scales.
-* T5 slots Forge holds as GGUF/NF4/FP4 (``ParameterGGUF``/bitsandbytes parameters) are refused: those
-  layers cannot be copied into or restored in place. Load such T5s through Forge's own module menu.
-* Chroma (T5 only, no clip skip in Forge) is not handled: ``family`` is None, nothing is patched for it
-  and :meth:`describe` says so.
+* T5 at Auto precision is what Forge itself makes of the same file (``load_huggingface_component``
+  and its layers), whatever the slot holds now, so a swap equals Forge loading that file through its
+  *VAE / Text Encoder* menu: Linear weights of a dense file (fp16/bf16/fp32) are stored in
+  ``text_encoder_dtype()`` (fp16), an fp8 / scaled-fp8 file's stay fp8 (kept packed, ``core.lowbit``,
+  expanded per forward to the activations' dtype, times the scale, as ``ForgeOperations.Linear`` does),
+  a GGUF file's stay packed and expand through Forge's own GGUF decoder (``ParameterGGUF``: baked, then
+  dequantised in its fp16 computation dtype, then cast to the activations' dtype); ``shared``, the norms
+  and the relative bias are fp32 as Forge holds them (``shared`` from a GGUF through the same fp16
+  decoder, as ``replace_state_dict`` does). Forge's own encode then runs: fp32 activations. At an
+  explicit precision everything is expanded exactly (our decoders) to that dtype and computed in it.
+* T5 into a slot Forge holds as scaled fp8: the slot's ``scale_weight`` values are set to 1 while a
+  dense file is in (Forge multiplies by them). Built-in brings back the fp8 weights and scales.
+* T5 slots Forge holds as GGUF/NF4/FP4 (a GGUF from its *VAE / Text Encoder* menu: ``ParameterGGUF``
+  weights in ``ForgeOperationsGGUF.Linear``): only those layer classes compute with such weights, so
+  their Linear weights are ``LiveSlot.held``: every swap keeps Forge's own Parameter objects aside and
+  attaches the incoming weight packed (a dense file's in fp16), and Built-in puts the objects back —
+  bit for bit, no copy, no file read. ``shared``, the norms and the bias are fp32 and restored from the
+  GGUF file through Forge's decoder.
+* Chroma (T5 only, no clip skip in Forge; its T5 engine pads to 1 token and passes no mask) has its T5
+  slot, swapped and computed exactly as on Flux; the layer line says clip skip has no effect there.
 * LoRA merged into a T5 that is held compressed is not supported (Forge's merge rewrites the weight).
 """
 
@@ -60,6 +68,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -67,10 +76,10 @@ import torch
 from te_switch.core import clip_skip as cs
 from te_switch.core.clip_skip import TowerPlan
 from te_switch.core.compute import autocast_off
-from te_switch.core.errors import IncompatibleError
 from te_switch.core.longclip import chunk_length as longclip_chunk_length
-from te_switch.core.selection import SLOTS_BY_FAMILY, Selection, SlotChoice
-from te_switch.core.tensors import Weight, dense, is_compressed
+from te_switch.core.lowbit import FP8_QTYPES
+from te_switch.core.selection import SLOTS_BY_FAMILY, Selection
+from te_switch.core.tensors import PackedTensor, Weight, dense, is_compressed
 from te_switch.hosts import sdwebui
 from te_switch.hosts.base import HostAdapter, Resolver, tower_in, tower_positions
 from te_switch.hosts.engine import BuiltinSource, LiveSlot, SlotRequest, SwapEngine, default_pack_kind
@@ -83,8 +92,8 @@ FAMILY_BY_CLASS = {
     "StableDiffusionXLRefiner": "sdxl-refiner",
     "StableDiffusion3": "sd3",
     "Flux": "flux",
+    "Chroma": "chroma",
 }
-T5_ONLY_CLASSES = ("Chroma",)
 CLIP_ENGINE_ATTRS = ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g")
 
 
@@ -100,13 +109,85 @@ class EncodePlan:
 
 def _forge_pack_kind(module: torch.nn.Module) -> str | None:
     """Forge's ``ForgeOperations.Linear`` is a plain Module with Linear's attributes: it can keep a
-    compressed weight too, unless it carries Forge's own fp8 ``scale_weight``."""
+    compressed weight too (while attached, its own forward and ``scale_weight`` are not used). T5's
+    embeddings stay dense: Forge holds ``shared`` in fp32 whatever the file, so it is written in place."""
+    if isinstance(module, torch.nn.Embedding):
+        return None
     kind = default_pack_kind(module)
     if kind is not None:
         return kind
     looks_linear = type(module).__name__ == "Linear" and hasattr(module, "in_features")
     has_weight = isinstance(module._parameters.get("weight"), torch.Tensor)
-    return "linear" if looks_linear and has_weight and getattr(module, "scale_weight", None) is None else None
+    return "linear" if looks_linear and has_weight else None
+
+
+def _linear_weight_keys(t5: torch.nn.Module) -> list[str]:
+    return [f"{name}.weight" for name, m in t5.named_modules() if type(m).__name__ == "Linear"]
+
+
+def _quantized_linear_keys(t5: torch.nn.Module) -> frozenset[str]:
+    """Linear weights of Forge's GGUF / bitsandbytes layers (``ForgeOperationsGGUF.Linear``, NF4/FP4):
+    only those classes compute with them, so a swap keeps them aside and never writes them."""
+    out = set()
+    for name, m in t5.named_modules():
+        weight = m._parameters.get("weight")
+        own_class = type(m).__qualname__.startswith(("ForgeOperationsGGUF.", "ForgeOperationsBNB4bits."))
+        if type(m).__name__ == "Linear" and (
+            own_class or hasattr(weight, "gguf_cls") or hasattr(weight, "bnb_quantized")
+        ):
+            out.add(f"{name}.weight")
+    return frozenset(out)
+
+
+def _forge_dense_dtype() -> torch.dtype:
+    """The dtype Forge stores a dense T5 file's Linear weights in (``load_huggingface_component``)."""
+    from backend import memory_management
+
+    return memory_management.text_encoder_dtype()
+
+
+def _forge_gguf_decoder(linear: bool) -> Callable[[PackedTensor], torch.Tensor] | None:
+    """Forge's own GGUF expansion for a packed weight, or None where Forge has none.
+
+    ``ParameterGGUF`` weights are baked, then dequantised by ``gguf_cls.dequantize_pytorch`` in their
+    ``computation_dtype``: for a Linear, ``text_encoder_dtype()`` when that is fp16/bf16, else fp16
+    (``ForgeOperationsGGUF.Linear``); for ``shared`` fp16 (``dequantize_as_pytorch_parameter``).
+    """
+    try:
+        from backend import operations_gguf
+    except ImportError:
+        return None
+    classes = {getattr(k, "name", str(k)): v for k, v in getattr(operations_gguf, "quants_mapping", {}).items()}
+    compute = _forge_dense_dtype() if linear else torch.float16
+    if compute not in (torch.float16, torch.bfloat16):
+        compute = torch.float16
+
+    def decode(packed: PackedTensor) -> torch.Tensor:
+        cls = classes.get(packed.qtype)
+        if cls is None:  # a type Forge cannot expand: our exact decoder, in Forge's dtype
+            return packed.dequantize(compute)
+        carrier = SimpleNamespace(data=packed.raw, baked=False, computation_dtype=compute, shape=packed.shape)
+        cls.bake(carrier)
+        return cls.dequantize_pytorch(carrier)
+
+    return decode
+
+
+def _as_forge_loads(to_host: Callable[[Mapping[str, Weight]], dict[str, Weight]]) -> Callable[..., dict[str, Weight]]:
+    """``to_host`` whose GGUF weights expand through Forge's own decoder (Auto precision)."""
+    linear, shared = _forge_gguf_decoder(linear=True), _forge_gguf_decoder(linear=False)
+    if linear is None or shared is None:
+        return to_host
+
+    def mapped(sd: Mapping[str, Weight]) -> dict[str, Weight]:
+        out = to_host(sd)
+        for key, value in out.items():
+            if isinstance(value, PackedTensor) and value.qtype not in FP8_QTYPES:
+                embedding = key.endswith(("shared.weight", "embed_tokens.weight"))
+                out[key] = replace(value, decode=shared if embedding else linear)
+        return out
+
+    return mapped
 
 
 def _t5_storage(module: torch.nn.Module) -> str:
@@ -148,9 +229,6 @@ class ForgeAdapter(HostAdapter):
             if family is not None:
                 return family
         return None
-
-    def _is_t5_only(self, model: Any) -> bool:
-        return any(cls.__name__ in T5_ONLY_CLASSES for cls in type(model).__mro__)
 
     def _joint(self, model: Any) -> torch.nn.Module:
         return model.forge_objects.clip.cond_stage_model
@@ -195,6 +273,9 @@ class ForgeAdapter(HostAdapter):
     def _t5_slot(self, t5: torch.nn.Module) -> LiveSlot:
         slot = t5_slot("t5xxl", t5)
         slot.pack_kind = _forge_pack_kind
+        dense_dtype = _forge_dense_dtype()
+        slot.store_dtypes = dict.fromkeys(_linear_weight_keys(t5), dense_dtype)
+        slot.held = _quantized_linear_keys(t5)
         origin = self._t5_origin.get(t5)
         if origin is None or not self.is_swapped("t5xxl", t5):
             origin = self._t5_origin[t5] = _t5_storage(t5)
@@ -249,26 +330,15 @@ class ForgeAdapter(HostAdapter):
             return "last layer without final norm (Forge's own slider stops at 2)"
         return None
 
-    def describe(self, selection: Selection) -> str:
-        model = self.live_model()
-        if model is not None and self.family(model) is None and self._is_t5_only(model):
-            return f"{type(model).__name__} uses only T5: clip skip has no effect, and encoder swaps are not available"
-        return super().describe(selection)
-
     # -- making the model match -----------------------------------------------------------------
 
     def requests(self, model: Any, selection: Selection, resolve: Resolver) -> list[SlotRequest]:
         out = []
         for request in super().requests(model, selection, resolve):
-            if request.slot.name == "t5xxl" and not request.choice.is_builtin:
-                origin = self._t5_origin.get(request.slot.module, "dense")
-                if origin == "quantized":
-                    raise IncompatibleError(
-                        "T5-XXL: this checkpoint's T5 is GGUF/NF4-quantised in Forge and cannot be swapped in place;"
-                        " load the T5 through Forge's 'VAE / Text Encoder' menu instead"
-                    )
-                if origin in ("fp8", "scaled-fp8") and request.choice.precision == "auto":
-                    request = replace(request, choice=SlotChoice(request.choice.encoder, "fp16"))
+            t5_at_auto = request.choice.precision == "auto" and not request.choice.is_builtin
+            if request.slot.name == "t5xxl" and t5_at_auto:  # compute as Forge would from this file
+                slot = replace(request.slot, to_host=_as_forge_loads(request.slot.to_host))
+                request = replace(request, slot=slot)
             out.append(request)
         return out
 
@@ -291,6 +361,9 @@ class ForgeAdapter(HostAdapter):
         loader = getattr(joint, "lora_loader", None)
         if loader is not None:
             loader.refresh(lora_patches={}, offload_device=clip.patcher.offload_device)
+        # Forge bakes GGUF weights on its first load of the model; a held weight set aside before that would
+        # come back unbaked into a model marked baked
+        memory_management.bake_gguf_model(joint)
         memory_management.soft_empty_cache()
 
     def after_swap(self, model: Any) -> None:
@@ -312,8 +385,12 @@ class ForgeAdapter(HostAdapter):
         if tower is None:
             return None
         to_host = None
-        if name == "t5xxl" and self._t5_origin.get(self._joint(model).t5xxl.transformer) == "scaled-fp8":
-            to_host = t5_slot(name, self._joint(model).t5xxl.transformer).to_host  # the file's own scales
+        if name == "t5xxl":
+            t5 = self._joint(model).t5xxl.transformer
+            if self._t5_origin.get(t5) == "scaled-fp8":
+                to_host = t5_slot(name, t5).to_host  # the file's own scales
+            if tower.quant == "gguf":  # shared came through Forge's fp16 GGUF decoder
+                to_host = _as_forge_loads(to_host or t5_slot(name, t5).to_host)
         return BuiltinSource(tower.path, tower, to_host=to_host)
 
     def on_model_loaded(self, sd_model: Any) -> list[str]:

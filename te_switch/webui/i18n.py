@@ -63,8 +63,7 @@ PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^(?P<tower>CLIP-[LGH]) layer (?P<n>\d+)/(?P<total>\d+)$"), "{tower} layer {n}/{total}"),
     (re.compile(r"^Long-CLIP: (?P<n>\d+)-token chunks after the next generation$"),
      "Long-CLIP: {n}-token chunks after the next generation"),
-    (re.compile(r"^(?P<model>\w+) uses only T5: clip skip has no effect, and encoder swaps are not available$"),
-     "{model} uses only T5: clip skip has no effect, and encoder swaps are not available"),
+    (re.compile(r"^(?P<model>\w+) uses only T5: clip skip has no effect$"), "{model} uses only T5: clip skip has no effect"),
 )  # fmt: skip
 
 

@@ -100,12 +100,17 @@ def load_huggingface_component(guess, component_name, lib_name, cls_name, repo_p
             config = json.load(f)
         storage_dtype = memory_management.text_encoder_dtype()
         detected = memory_management.state_dict_dtype(state_dict)
-        if detected in (torch.float8_e4m3fn, torch.float8_e5m2):
+        if detected in (torch.float8_e4m3fn, torch.float8_e5m2, "gguf"):
             storage_dtype = detected
-        with (
-            _no_init_weights(),
-            using_forge_operations(device=memory_management.cpu, dtype=storage_dtype, manual_cast_enabled=True),
-        ):
+        if storage_dtype == "gguf":
+            operations = {
+                "dtype": memory_management.text_encoder_dtype(),
+                "manual_cast_enabled": False,
+                "bnb_dtype": "gguf",
+            }
+        else:
+            operations = {"dtype": storage_dtype, "manual_cast_enabled": True}
+        with _no_init_weights(), using_forge_operations(device=memory_management.cpu, **operations):
             model = IntegratedT5(config)
         load_state_dict(model, state_dict, ignore_errors=["transformer.encoder.embed_tokens.weight", "logit_scale"])
         return model
@@ -118,12 +123,55 @@ def _read(path):
         return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118 (safe_open is not iterable)
 
 
+# replace_state_dict: city96's GGUF T5 names -> Forge's
+GGUF_T5_NAMES = {
+    "enc.": "encoder.",
+    ".blk.": ".block.",
+    "token_embd": "shared",
+    "output_norm": "final_layer_norm",
+    "attn_q": "layer.0.SelfAttention.q",
+    "attn_k": "layer.0.SelfAttention.k",
+    "attn_v": "layer.0.SelfAttention.v",
+    "attn_o": "layer.0.SelfAttention.o",
+    "attn_norm": "layer.0.layer_norm",
+    "attn_rel_b": "layer.0.SelfAttention.relative_attention_bias",
+    "ffn_up": "layer.1.DenseReluDense.wi_1",
+    "ffn_down": "layer.1.DenseReluDense.wo",
+    "ffn_gate": "layer.1.DenseReluDense.wi_0",
+    "ffn_norm": "layer.1.layer_norm",
+}
+
+
+def _t5_module_state(path, *, fixed=False):
+    """A *VAE / Text Encoder* menu file holding a T5, as ``replace_state_dict`` hands it on: a GGUF's names
+    renamed, its token table dequantised (``dequantize_as_pytorch_parameter``: fails on an F16 table)."""
+    from backend.utils import load_torch_file
+
+    asd = load_torch_file(path)
+    if not any(k in asd for k in ("enc.blk.0.attn_k.weight", "encoder.block.0.layer.0.SelfAttention.k.weight")):
+        return None  # a VAE or a CLIP
+    if "enc.blk.0.attn_k.weight" in asd:
+        renamed = {}
+        for k, v in asd.items():
+            for a, b in GGUF_T5_NAMES.items():
+                k = k.replace(a, b)
+            renamed[k] = v
+        table = renamed["shared.weight"]
+        if not (fixed and table.gguf_cls is None):  # ``fixed``: as Forge would with its F16-table bug fixed
+            renamed["shared.weight"] = table.dequantize_as_pytorch_parameter()
+        asd = renamed
+    return {"transformer." + k: v for k, v in asd.items() if k != "scaled_fp8"}
+
+
 def forge_loader(sd, additional_state_dicts=None):
     state_dict, meta = _read(sd)
     repo = meta["repo"]
     components = {}
+    menu_t5 = [t5 for p in additional_state_dicts or () if (t5 := _t5_module_state(p)) is not None]
     for name, cls_name in meta["components"].items():
         component_sd = try_filter_state_dict(state_dict, [name + "."])
+        if cls_name == "T5EncoderModel" and menu_t5:
+            component_sd = menu_t5[-1]
         components[name] = load_huggingface_component(None, name, "transformers", cls_name, repo, component_sd)
     module, cls = ENGINES[meta["engine"]]
     engine_cls = getattr(importlib.import_module(module), cls)

@@ -119,6 +119,63 @@ class ForgeOperations:
             return super().forward(x)
 
 
+class ForgeOperationsGGUF(ForgeOperations):
+    """Linear layers of a GGUF model: ``weight`` is the file's ``ParameterGGUF`` itself, dequantised by its
+    ``gguf_cls`` in every forward (in ``computation_dtype``), then cast to the input's dtype."""
+
+    class Linear(torch.nn.Module):
+        def __init__(self, *args, **kwargs):
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.empty(1, device=current_device, dtype=current_dtype))
+            self.weight = None
+            self.bias = None
+            self.parameters_manual_cast = current_manual_cast_enabled
+
+        def _load_from_state_dict(
+            self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        ):
+            if hasattr(self, "dummy"):
+                computation_dtype = self.dummy.dtype
+                if computation_dtype not in (torch.float16, torch.bfloat16):
+                    computation_dtype = torch.float16
+                if prefix + "weight" in state_dict:
+                    self.weight = state_dict[prefix + "weight"].to(device=self.dummy.device)
+                    self.weight.computation_dtype = computation_dtype
+                if prefix + "bias" in state_dict:
+                    self.bias = state_dict[prefix + "bias"].to(device=self.dummy.device)
+                    self.bias.computation_dtype = computation_dtype
+                del self.dummy
+            else:
+                if prefix + "weight" in state_dict:
+                    self.weight = state_dict[prefix + "weight"]
+                if prefix + "bias" in state_dict:
+                    self.bias = state_dict[prefix + "bias"]
+
+        def _apply(self, fn, recurse=True):
+            from backend import utils
+
+            for k, p in self.named_parameters(recurse=False, remove_duplicate=True):
+                setattr(self, k, utils.tensor2parameter(fn(p)))
+            return self
+
+        def forward(self, x):
+            from backend import utils
+            from backend.operations_gguf import dequantize_tensor
+
+            if self.bias is not None and self.bias.dtype != x.dtype:
+                self.bias = utils.tensor2parameter(dequantize_tensor(self.bias).to(x.dtype))
+            if (
+                self.weight is not None
+                and self.weight.dtype != x.dtype
+                and getattr(self.weight, "gguf_cls", None) is None
+            ):
+                self.weight = utils.tensor2parameter(self.weight.to(x.dtype))
+            weight, bias, _ = weights_manual_cast(
+                self, x, weight_fn=dequantize_tensor, bias_fn=None, skip_bias_dtype=True
+            )
+            return torch.nn.functional.linear(x, weight, bias)
+
+
 OP_NAMES = ("Linear", "LayerNorm", "Embedding")
 
 
@@ -131,7 +188,8 @@ def using_forge_operations(operations=None, device=None, dtype=None, manual_cast
         manual_cast_enabled,
         bnb_dtype,
     )
-    operations = operations or ForgeOperations
+    if operations is None:
+        operations = ForgeOperationsGGUF if bnb_dtype == "gguf" else ForgeOperations
     backups = {name: getattr(torch.nn, name) for name in OP_NAMES}
     try:
         for name in OP_NAMES:

@@ -1,5 +1,8 @@
-"""Fake of backend/utils.py: attribute helpers used by the LoRA loader and memory management."""
+"""Fake of backend/utils.py: attribute helpers used by the LoRA loader and memory management, and
+``load_torch_file``."""
 
+import gguf
+import safetensors.torch
 import torch
 
 
@@ -26,3 +29,12 @@ def get_attr_with_parent(obj, attr):
 
 def tensor2parameter(x):
     return x if isinstance(x, torch.nn.Parameter) else torch.nn.Parameter(x, requires_grad=False)
+
+
+def load_torch_file(ckpt, safe_load=False, device=None):
+    """safetensors through their mmap, GGUF as ``ParameterGGUF`` per tensor (Forge's own reader)."""
+    from backend.operations_gguf import ParameterGGUF
+
+    if ckpt.lower().endswith(".gguf"):
+        return {str(t.name): ParameterGGUF(t) for t in gguf.GGUFReader(ckpt).tensors}
+    return safetensors.torch.load_file(ckpt, device="cpu")
