@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from webui_client import URL, Result, call, encoder_dir, txt2img, write_clip
+from webui_client import URL, Result, call, checkpoint_selected, encoder_dir, txt2img, write_clip
 
 NO_NORM = {"override_settings": {"emphasis": "No norm"}}
 PAIRS = [
@@ -43,12 +43,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module", autouse=True)
 def restore_checkpoint() -> Iterator[None]:
-    before = call("/sdapi/v1/options").get("sd_model_checkpoint")
-    try:
+    with checkpoint_selected(None):
         yield
-    finally:
-        if before:
-            call("/sdapi/v1/options", {"sd_model_checkpoint": before})
 
 
 @pytest.mark.parametrize(("checkpoint", "family"), PAIRS)

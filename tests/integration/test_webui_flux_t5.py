@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from webui_client import URL, HTTPError, Result, call, txt2img
+from webui_client import URL, HTTPError, Result, call, checkpoint_selected, txt2img
 
 CHECKPOINT = os.environ.get("TE_SWITCH_WEBUI_FLUX_CHECKPOINT", "")
 FILES = [f for f in os.environ.get("TE_SWITCH_WEBUI_T5_FILES", "").split(",") if f]
@@ -48,13 +48,8 @@ def _difference(a: Result, b: Result) -> str:
 
 @pytest.fixture(scope="module")
 def builtin() -> Iterator[Result]:
-    before = call("/sdapi/v1/options").get("sd_model_checkpoint")
-    call("/sdapi/v1/options", {"sd_model_checkpoint": CHECKPOINT, "forge_additional_modules": []})
-    try:
+    with checkpoint_selected(CHECKPOINT, forge_additional_modules=[]):
         yield txt2img([True], **FLUX)
-    finally:
-        if before:
-            call("/sdapi/v1/options", {"sd_model_checkpoint": before})
 
 
 @pytest.mark.parametrize("name", FILES)

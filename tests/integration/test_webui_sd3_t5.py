@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from webui_client import URL, Result, call, encoder_dir, rejected, txt2img, write_clip
+from webui_client import URL, Result, call, checkpoint_selected, encoder_dir, rejected, txt2img, write_clip
 
 SD3 = os.environ.get("TE_SWITCH_WEBUI_SD3_CHECKPOINT", "")
 AWAY = os.environ.get("TE_SWITCH_WEBUI_CHECKPOINT", "")
@@ -245,13 +245,8 @@ def sd3_checkpoint() -> Iterator[None]:
     if RECORD:
         yield
         return
-    before = call("/sdapi/v1/options").get("sd_model_checkpoint")
-    call("/sdapi/v1/options", {"sd_model_checkpoint": SD3, "te_switch_clip_skip": "Auto"})
-    try:
+    with checkpoint_selected(SD3, te_switch_clip_skip="Auto"):
         yield
-    finally:
-        if before:
-            call("/sdapi/v1/options", {"sd_model_checkpoint": before})
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from webui_client import URL, Result, call, encoder_dir, txt2img, write_clip
+from webui_client import URL, Result, call, checkpoint_selected, encoder_dir, txt2img, write_clip
 
 SDXL = os.environ.get("TE_SWITCH_WEBUI_SDXL_CHECKPOINT", "")
 
@@ -25,13 +25,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module", autouse=True)
 def sdxl_checkpoint() -> Iterator[None]:
-    before = call("/sdapi/v1/options").get("sd_model_checkpoint")
-    call("/sdapi/v1/options", {"sd_model_checkpoint": SDXL, "te_switch_clip_skip": "Auto"})
-    try:
+    with checkpoint_selected(SDXL, te_switch_clip_skip="Auto"):
         yield
-    finally:
-        if before:
-            call("/sdapi/v1/options", {"sd_model_checkpoint": before})
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ import json
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,19 @@ def call(path: str, payload: Any = None, *, method: str | None = None, timeout: 
         except ValueError:
             pass
         raise HTTPError(e.code, body) from None
+
+
+@contextmanager
+def checkpoint_selected(name: str | None, **options: Any) -> Iterator[None]:
+    """The server on checkpoint ``name`` (None: where it is) with ``options`` set; its checkpoint put back after."""
+    before = call("/sdapi/v1/options").get("sd_model_checkpoint")
+    if name is not None or options:
+        call("/sdapi/v1/options", {**({"sd_model_checkpoint": name} if name is not None else {}), **options})
+    try:
+        yield
+    finally:
+        if before:
+            call("/sdapi/v1/options", {"sd_model_checkpoint": before})
 
 
 def pixels(b64: str) -> str:
