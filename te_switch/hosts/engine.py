@@ -629,7 +629,11 @@ class SwapEngine:
                     # the slot's own weight is written back from its source at Built-in: free it meanwhile
                     # (position tables stay: their row count is how the slot says its position count)
                     shown = slot.store_dtypes.get(key)  # the placeholder's dtype where the live one is fp8
-                    shown = shown if shown in lowbit.COMPUTE_DTYPES and not _computes(live[key]) else None
+                    shown = (
+                        shown
+                        if shown in lowbit.COMPUTE_DTYPES and live[key].dtype not in lowbit.COMPUTE_DTYPES
+                        else None
+                    )
                     lowbit.attach(owner, value, kind=kind, dtype=shown, release=key not in slot.position_keys)
                     mem.packed.append(owner)
                 continue
@@ -847,10 +851,6 @@ def _packable(value: Weight, dtype: torch.dtype, *, exact: bool) -> Weight:
         return value
     stored = value.to(dtype) if value.dtype != dtype else value
     return PackedTensor(dtype_name(stored.dtype), stored, stored.shape)
-
-
-def _computes(t: torch.Tensor) -> bool:
-    return t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def default_pack_kind(module: torch.nn.Module) -> str | None:

@@ -121,6 +121,11 @@ def _forge_pack_kind(module: torch.nn.Module) -> str | None:
     return "linear" if looks_linear and has_weight else None
 
 
+def _forge_quantized(p: Any) -> bool:
+    """A GGUF (``ParameterGGUF``) or bitsandbytes parameter: only Forge's own layer classes compute with it."""
+    return hasattr(p, "gguf_cls") or hasattr(p, "bnb_quantized")
+
+
 def _linear_weight_keys(t5: torch.nn.Module) -> list[str]:
     return [f"{name}.weight" for name, m in t5.named_modules() if type(m).__name__ == "Linear"]
 
@@ -132,9 +137,7 @@ def _quantized_linear_keys(t5: torch.nn.Module) -> frozenset[str]:
     for name, m in t5.named_modules():
         weight = m._parameters.get("weight")
         own_class = type(m).__qualname__.startswith(("ForgeOperationsGGUF.", "ForgeOperationsBNB4bits."))
-        if type(m).__name__ == "Linear" and (
-            own_class or hasattr(weight, "gguf_cls") or hasattr(weight, "bnb_quantized")
-        ):
+        if type(m).__name__ == "Linear" and (own_class or _forge_quantized(weight)):
             out.add(f"{name}.weight")
     return frozenset(out)
 
@@ -194,7 +197,7 @@ def _t5_storage(module: torch.nn.Module) -> str:
     """How Forge stores a T5: 'dense', 'fp8', 'scaled-fp8' or 'quantized' (GGUF / bitsandbytes)."""
     scaled = fp8 = False
     for name, p in module.named_parameters():
-        if hasattr(p, "gguf_cls") or hasattr(p, "bnb_quantized"):
+        if _forge_quantized(p):
             return "quantized"
         if name.endswith("scale_weight"):
             scaled = True
