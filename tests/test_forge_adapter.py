@@ -645,6 +645,45 @@ def test_precision_fp32_is_real(assets: Assets) -> None:
     assert (results["fp16"] - expected).abs().max() > (results["auto"] - expected).abs().max()
 
 
+def _with_clip_l(a: Assets, family: str, root: Path, weights: dict[str, torch.Tensor]) -> Path:
+    """``family``'s checkpoint with ``weights`` (canonical names, any dtype) as its CLIP-L."""
+    from fakes.forge.assets import FAMILIES, _component_state
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, key, projection = FAMILIES[family]["text_encoder"]
+    with safe_open(str(a.checkpoints[family]), framework="pt") as f:
+        meta = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("text_encoder.")}  # noqa: SIM118
+    state.update({f"text_encoder.{k}": v.contiguous() for k, v in _component_state(key, weights, projection).items()})
+    path = root / f"ckpt_{family}_clip_l.safetensors"
+    save_file(state, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("encoded_first", [False, True])
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_clip_auto_equals_forge_loading_the_file(
+    assets: Assets, tmp_path: Path, family: str, encoded_first: bool
+) -> None:
+    """A CLIP-L file swapped in at Auto computes what Forge computes having loaded that file itself: Forge
+    stores the whole tower in ``text_encoder_dtype()`` (fp16), and its encode casts the embeddings to fp32
+    in place from those fp16 values. That holds whether or not an encode ran before the swap (the live
+    embeddings are fp32 after one), with a file whose fp32 values fp16 cannot hold."""
+    with forge(assets, family, checkpoint=_with_clip_l(assets, family, tmp_path, assets.weights["l32_file"])) as env:
+        expected = env.encode(None, [PLAIN])
+    with forge(assets, family) as env:
+        if encoded_first:
+            env.encode(None, [PLAIN])
+        env.apply(sel(clip_l="l32"))
+        cond = env.encode(sel(clip_l="l32"), [PLAIN])
+    if family == "flux":
+        assert torch.equal(cond["vector"], expected["vector"])
+        assert torch.equal(cond["crossattn"], expected["crossattn"])
+    else:
+        assert torch.equal(cond, expected)
+
+
 def text_transformer_of(env: Env) -> Any:
     from te_switch.hosts.slots import text_transformer
 

@@ -39,7 +39,10 @@ After ``forge_model_reload`` call :meth:`ForgeAdapter.on_model_loaded` (register
 
 Decisions
 ---------
-* CLIP files are always loaded dense in the slot's dtype (Forge upcasts fp8 CLIP files too).
+* CLIP files are always loaded dense (Forge upcasts fp8 CLIP files too); at Auto in ``text_encoder_dtype()``,
+  the whole tower, as Forge's loader stores a CLIP file: not in the live dtypes, since Forge's encode casts
+  the embeddings to fp32 in place (from their fp16 values) and a swap after an encode would otherwise keep
+  a file's fp32 values there that Forge itself would have rounded.
 * T5 at Auto precision is what Forge itself makes of the same file (``load_huggingface_component``
   and its layers), whatever the slot holds now, so a swap equals Forge loading that file through its
   *VAE / Text Encoder* menu: Linear weights of a dense file (fp16/bf16/fp32) are stored in
@@ -251,7 +254,8 @@ class ForgeAdapter(HostAdapter):
 
     def _clip_slot(self, name: str, transformer: torch.nn.Module) -> LiveSlot:
         slot = hf_clip_slot(name, transformer)
-        live_keys = set(transformer.state_dict().keys())
+        live = transformer.state_dict()
+        live_keys = set(live)
         lead = "text_model." if any(k.startswith("text_model.") for k in live_keys) else ""
         blocks = len(hf_clip_blocks(transformer))
         drop_from = blocks if name == "clip_h" else None
@@ -271,6 +275,10 @@ class ForgeAdapter(HostAdapter):
         slot.derived = slot.derived | ({f"{lead}embeddings.token_embedding.wrapped.weight"} & live_keys)
         # a Forge Linear that its checkpoint never filled keeps a ``dummy`` (SD1/SDXL CLIP-L's projection)
         slot.optional = slot.optional | {k for k in live_keys if k.endswith(".dummy")}
+        # at Auto a file is stored as Forge's loader stores one (the whole tower in ``text_encoder_dtype()``),
+        # not in the live dtypes: Forge's encode has cast the embeddings to fp32 in place, from fp16 values
+        store = _forge_dense_dtype()
+        slot.store_dtypes = {k: store for k, v in live.items() if v.is_floating_point()}
         return slot
 
     def _t5_slot(self, t5: torch.nn.Module) -> LiveSlot:
