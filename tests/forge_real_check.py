@@ -45,7 +45,8 @@ REPO = "black-forest-labs/FLUX.1-dev"
 PROMPT_WORDS = ["fox", "snow", "tree", "light"] * 50  # one CLIP token each: 200 tokens
 
 
-def main() -> None:  # pragma: no cover - runs in the subprocess
+def main(scratch: Path) -> None:  # pragma: no cover - runs in the subprocess
+    """Builds its files under ``scratch`` (about 1 GB)."""
     import contextlib
     import json
     import shutil
@@ -54,7 +55,6 @@ def main() -> None:  # pragma: no cover - runs in the subprocess
     from types import SimpleNamespace
 
     src = Path(os.environ["TE_SWITCH_FORGE_SRC"]).resolve()
-    scratch = Path(os.environ.get("TE_SWITCH_SCRATCH") or os.getcwd())
     assert (src / "backend" / "diffusion_engine" / "flux.py").is_file(), f"{src} is not a Forge 2.x checkout"
     fakes = ROOT / "tests" / "fakes"
     sys.argv = [sys.argv[0], "--always-cpu"]  # Forge's backend.args: what the rig starts it with
@@ -334,4 +334,10 @@ def main() -> None:  # pragma: no cover - runs in the subprocess
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    if os.environ.get("TE_SWITCH_SCRATCH"):
+        main(Path(os.environ["TE_SWITCH_SCRATCH"]))
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="te-switch-forge-real-") as tmp:
+            main(Path(tmp))
