@@ -45,6 +45,7 @@ import torch
 
 from te_switch.core import digest
 from te_switch.core.convert import lazy_load, load_tower
+from te_switch.core.dequant import blocks_finite
 from te_switch.core.detect import TowerInfo
 from te_switch.core.errors import BadFileError, IncompatibleError, TESwitchError, one_line
 from te_switch.core.fingerprint import fingerprint, is_mapped, mapped_ranges, prefault
@@ -358,7 +359,9 @@ def first_bad_value(values: Mapping[str, Value]) -> str | None:
         seen.add(id(lazy))
         value = realize(lazy)
         if isinstance(value, PackedTensor):
-            ok = all(all_finite(dense(part)) for part in _row_chunks(value))
+            # GGUF blocks: their scale fields say it; other packed weights are expanded a slice at a time
+            quick = blocks_finite(value.qtype, value.raw) if value.scale is None else None
+            ok = quick if quick is not None else all(all_finite(dense(part)) for part in _row_chunks(value))
         else:
             prefault(value)
             ok = all_finite(value)
