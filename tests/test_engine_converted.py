@@ -315,3 +315,25 @@ def test_a_file_changed_between_its_check_and_its_commit_is_refused(
         )
     assert same_bits(clip_model, before[0])  # committed first, then put back
     assert same_bits(t5_model, before[1])
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_packed_weights_are_expanded_into_the_slot_a_few_rows_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str
+) -> None:
+    """Slices of 7 rows (T5-XXL's token table is written 1024 rows at a time): the same bits as expanding
+    every tensor whole, and no temporary the size of a tensor."""
+    monkeypatch.setattr(engine_mod, "ROW_CHUNK", 7)
+    model, slot, path, reference, kind = gguf_t5(tmp_path, precision)
+    expanded: list[int] = []
+    dequantize = PackedTensor.dequantize
+
+    def counted(self: PackedTensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        expanded.append(self.shape[0])
+        return dequantize(self, *args, **kwargs)
+
+    monkeypatch.setattr(PackedTensor, "dequantize", counted)
+    SwapEngine(notify=lambda line: None).apply([req(slot, source(path, kind), precision)])
+    assert expanded
+    assert max(expanded) <= 7
+    assert_matches_reference("gguf", model, reference)

@@ -370,8 +370,12 @@ def first_bad_value(values: Mapping[str, Value]) -> str | None:
     return None
 
 
-def _row_chunks(value: PackedTensor, rows: int = 1024) -> list[PackedTensor]:
-    """A packed weight as slices of rows, so checking it never expands it whole."""
+ROW_CHUNK = 1024  # rows of a packed weight expanded at a time (T5-XXL's 4096-wide rows: 16 MB in fp32)
+
+
+def _row_chunks(value: PackedTensor, rows: int | None = None) -> list[PackedTensor]:
+    """A packed weight as slices of rows, so checking or writing it never expands it whole."""
+    rows = rows or ROW_CHUNK
     if (
         value.raw.dim() < 2
         or value.raw.shape[0] != value.shape[0]
@@ -857,15 +861,21 @@ class _Writes:
             self.flush()
             self.owner = owner
         value = realize(value)
-        value = dense(value) if isinstance(value, PackedTensor) else value
-        prefault(value)
+        in_place = not is_mapped(target, self.ranges) and tuple(target.shape) == tuple(value.shape)
+        if isinstance(value, PackedTensor) and not (in_place and value.decode is None):
+            value = dense(value)
+        if isinstance(value, torch.Tensor):
+            prefault(value)
         with torch.no_grad():
-            if is_mapped(target, self.ranges) or tuple(target.shape) != tuple(value.shape):
+            if not in_place:
                 new = value.to(device=target.device, dtype=dtype)
                 target.data = new if new.is_contiguous() else new.contiguous()
                 return
             if target.dtype != dtype:
                 target.data = torch.empty(target.shape, dtype=dtype, device=target.device)
+            if isinstance(value, PackedTensor):
+                _expand_into(target, value)
+                value = target  # the load copies it onto itself (a no-op): host hooks still see one
         self.pending[key.rsplit(".", 1)[-1]] = value
 
     def flush(self) -> None:
@@ -873,6 +883,17 @@ class _Writes:
         self.owner, self.pending = None, {}
         if owner is not None and pending:
             _write(owner, pending)
+
+
+def _expand_into(target: torch.Tensor, value: PackedTensor) -> None:
+    """A packed weight expanded straight into ``target``, a slice of rows at a time: no temporary the size
+    of the tensor (a T5-XXL token table is 0.5 GB in fp32). Each slice is computed in fp32 and rounded
+    once to ``target``'s dtype, as a whole-tensor expansion and copy would."""
+    start = 0
+    for part in _row_chunks(value):
+        rows = part.shape[0]
+        target[start : start + rows].copy_(part.dequantize(target.dtype, target.device))
+        start += rows
 
 
 def _write(owner: torch.nn.Module, values: Mapping[str, Weight]) -> None:
