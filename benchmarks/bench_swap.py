@@ -1,6 +1,7 @@
 """What a text-encoder swap and Built-in cost, against a raw read of the same file, at real shapes.
 
     python benchmarks/bench_swap.py [--t5 fp16|fp8] [--t5-blocks N] [--file PATH] [--threads N]
+                                    [--case gmp|gguf|fp8-clip] [--precision auto|fp32|bf16|fp16]
                                     [--cycles 20] [--repeats 3] [--dir DIR]
 
 Default: a real-shape CLIP-L (123M weights, fp16 file of 246 MB) into the CLIP-L slot of an SD1.5
@@ -11,6 +12,11 @@ slot already holding the checkpoint's T5 at fp16; fp8 is e4m3fn, kept packed at 
 written sparsely in ``--dir`` (default: a temporary folder, deleted afterwards) with random values in
 the first rows of every tensor. ``--file PATH``: swap in that file instead (a real T5-XXL or CLIP-L;
 its depth sets the checkpoint's). Run the real-size T5 under ``flock /work/rigs/.heavy.lock``.
+``--case``: a file that needs converting on its way in — ``gmp``: a real-shape CLIP-GmP training
+checkpoint in OpenAI layout (fp32, ``r``/``theta`` per MLP Linear, fused ``in_proj``) into the SD1.5
+CLIP-L slot; ``gguf``: a T5-XXL GGUF (Q8_0 matrices, real width, ``--t5-blocks`` deep) into the T5
+slot; ``fp8-clip``: a CLIP-L stored e4m3fn. ``--precision``: the slot's precision for the swap (with
+``gguf`` or ``fp8-clip``, anything but Auto expands the weights instead of keeping them packed).
 ``--threads N``: torch's intra-op threads for the whole run (on a shared, oversubscribed machine one
 thread avoids OpenMP stalls that say nothing about the engine; the baseline uses none either way).
 
@@ -160,19 +166,79 @@ def t5_shapes(blocks: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...
     return out
 
 
+def gmp_openai_shapes() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """A CLIP-GmP training checkpoint's text tower (zer0int): OpenAI names, fused in_proj, r/theta, fp32."""
+    c, f32 = CLIP_L, torch.float32
+    width, ff = c["hidden_size"], c["intermediate_size"]
+    out = {"token_embedding.weight": ((c["vocab_size"], width), f32),
+           "positional_embedding": ((c["max_position_embeddings"], width), f32),
+           "text_projection": ((width, c["projection_dim"]), f32)}  # fmt: skip
+    for i in range(c["num_hidden_layers"]):
+        b = f"transformer.resblocks.{i}."
+        out[f"{b}attn.in_proj_weight"] = ((3 * width, width), f32)
+        out[f"{b}attn.in_proj_bias"] = ((3 * width,), f32)
+        out[f"{b}attn.out_proj.weight"] = ((width, width), f32)
+        for name in ("attn.out_proj.bias", "ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias"):
+            out[b + name] = ((width,), f32)
+        for name, (o, i_) in (("c_fc", (ff, width)), ("c_proj", (width, ff))):
+            out[f"{b}mlp.{name}.r"] = ((o, 1), f32)
+            out[f"{b}mlp.{name}.theta"] = ((o, i_), f32)
+            out[f"{b}mlp.{name}.bias"] = ((o,), f32)
+    out["ln_final.weight"] = out["ln_final.bias"] = ((width,), f32)
+    return out
+
+
+def write_sparse_gguf_t5(path: str, blocks: int) -> None:
+    """A T5-XXL GGUF (llama.cpp names, Q8_0 matrices, F16 relative bias, F32 norms); data a sparse hole."""
+    import gguf
+    import numpy as np
+
+    from te_switch.core.layouts import GGUF_T5_BLOCK, GGUF_T5_TOP
+
+    top = {v: k for k, v in GGUF_T5_TOP.items()}
+    block = {v: k for k, v in GGUF_T5_BLOCK.items()}
+    writer = gguf.GGUFWriter(path, "t5encoder")
+    total = 0
+    for name, (shape, _dtype) in t5_shapes(blocks, torch.float16).items():
+        if name in top:
+            gname = top[name]
+        else:
+            i, rest = name[len("encoder.block.") :].split(".", 1)
+            gname = f"enc.blk.{i}.{block[rest]}"
+        qtype = "F32" if len(shape) == 1 else "F16" if "attn_rel_b" in gname else "Q8_0"
+        qt = gguf.GGMLQuantizationType[qtype]
+        per_block, size = gguf.GGML_QUANT_SIZES[qt]
+        nbytes = shape[0] * (shape[1] if len(shape) > 1 else 1) // per_block * size
+        writer.add_tensor_info(gname, shape, np.dtype(np.float32), nbytes, raw_dtype=qt)
+        total += gguf.GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    fout = writer.fout[0]
+    writer.write_padding(fout, fout.tell())
+    start = fout.tell()
+    writer.close()
+    with open(path, "r+b") as f:
+        f.truncate(start + total)
+
+
+def tensor_spans(path: str) -> list[tuple[int, int]]:
+    """Absolute (begin, end) byte spans of every tensor of a safetensors or GGUF file."""
+    with open_file(path) as src:
+        if src.format == "gguf":
+            return [(e.offset, e.offset + e.nbytes) for e in src._entries.values()]
+        return [src.span(k) for k in src.keys()]  # noqa: SIM118
+
+
 def raw_read(path: str) -> float:
     """Every tensor into fresh memory with plain reads: the baseline."""
     started = time.perf_counter()
-    with open_file(path) as src:
-        entries = [(k, src.info(k)) for k in src.keys()]  # noqa: SIM118
-        offsets = {k: src._entries[k][1:] for k in src.keys()}  # noqa: SIM118  (byte spans)
-        data_start = src.data_start
+    spans = tensor_spans(path)
     held = []
     with open(path, "rb", buffering=0) as f:
-        for key, _info in entries:
-            begin, end = offsets[key]
+        for begin, end in spans:
             buf = torch.empty(end - begin, dtype=torch.uint8)
-            f.seek(data_start + begin)
+            f.seek(begin)
             f.readinto(memoryview(buf.numpy()))
             held.append(buf)
     elapsed = time.perf_counter() - started
@@ -233,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--t5-blocks", type=int, default=24, help="T5 depth (24 = real T5-XXL)")
     parser.add_argument("--file", help="swap in this file (a real T5-XXL / CLIP-L) instead of a generated one")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--case", choices=("gmp", "gguf", "fp8-clip"), help="a file that needs converting")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     parser.add_argument("--cycles", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", help="where to write the files (default: a temporary folder, deleted)")
@@ -245,23 +313,33 @@ def main(argv: list[str] | None = None) -> int:
     given = inspect_path(args.file)[0] if args.file else None
     if given is not None and given.family == "t5":
         args.t5, args.t5_blocks = args.t5 or "fp16", given.layers
+    if args.case == "gguf":
+        args.t5 = "fp16"  # the checkpoint's T5
     try:
         ckpt = os.path.join(folder, "checkpoint.safetensors")
-        incoming = args.file or os.path.join(folder, "incoming.safetensors")
+        suffix = ".gguf" if args.case == "gguf" else ".safetensors"
+        incoming = args.file or os.path.join(folder, "incoming" + suffix)
         if args.t5:
-            stored = ",".join(given.dtypes) if given is not None else args.t5
+            stored = ",".join(given.dtypes) if given is not None else "GGUF Q8_0" if args.case else args.t5
             kind, label = "t5", f"T5-XXL {stored} ({args.t5_blocks} blocks)"
             write_sparse(ckpt, t5_shapes(args.t5_blocks, torch.float16), 1)
             dtype = torch.float16 if args.t5 == "fp16" else torch.float8_e4m3fn
-            if given is None:
+            if args.case == "gguf":
+                write_sparse_gguf_t5(incoming, args.t5_blocks)
+            elif given is None:
                 write_sparse(incoming, t5_shapes(args.t5_blocks, dtype), 2)
         else:
-            kind, label = "clip", "CLIP-L fp16 into SD1.5"
+            stored = {"gmp": "GmP fp32 (OpenAI layout)", "fp8-clip": "fp8 e4m3fn"}.get(args.case or "", "fp16")
+            kind, label = "clip", f"CLIP-L {stored} into SD1.5"
             shapes = clip_shapes("cond_stage_model.transformer.")
             shapes["model.diffusion_model.out.0.weight"] = ((320, 320), torch.float16)
             write_sparse(ckpt, shapes, 1)
-            if given is None:
-                write_sparse(incoming, clip_shapes(""), 2)
+            if args.case == "gmp":
+                write_sparse(incoming, gmp_openai_shapes(), 2)
+            elif given is None:
+                dtype = torch.float8_e4m3fn if args.case == "fp8-clip" else torch.float16
+                write_sparse(incoming, {k: (s, dtype) for k, (s, _) in clip_shapes("").items()}, 2)
+        label += f", precision {args.precision}"
         if given is not None:
             label += f" — {os.path.basename(incoming)}"
         size = os.path.getsize(incoming)
@@ -271,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = SwapEngine()
 
         def swap() -> None:
-            engine.apply([SlotRequest(slot, SlotChoice("incoming"), source, None, lambda: builtin)])
+            engine.apply([SlotRequest(slot, SlotChoice("incoming", args.precision), source, None, lambda: builtin)])
 
         def restore() -> None:
             engine.apply([SlotRequest(slot, SlotChoice(None), None, None, lambda: builtin)])

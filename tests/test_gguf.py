@@ -125,6 +125,27 @@ def test_decoder_on_cuda_matches_reference(qtype: str) -> None:
     assert torch.equal(out.cpu(), reference(data, qtype))
 
 
+@pytest.mark.parametrize("qtype", sorted(dequant.HALF_FIELDS))
+def test_scale_fields_tell_whether_blocks_decode_finite(qtype: str) -> None:
+    """The values check reads only the float16 fields: it must agree with decoding every block."""
+    from synth_gguf import HALF_FIELDS
+
+    assert dequant.HALF_FIELDS[qtype] == HALF_FIELDS[qtype]  # ggml-common.h, written down twice
+    shape = torch.Size((4, 2 * dequant.BLOCK_SIZES[qtype][0]))
+    raw = torch.from_numpy(random_blocks(qtype, tuple(shape), seed=3))
+    assert dequant.blocks_finite(qtype, raw) is True
+    assert torch.isfinite(dequant.dequantize(qtype, raw, shape, torch.float32)).all()
+    size = dequant.BLOCK_SIZES[qtype][1]
+    for offset in HALF_FIELDS[qtype]:
+        for bad in (0x7E00, 0x7C00, 0xFC00):  # NaN, +Inf, -Inf
+            broken = raw.clone().reshape(-1, size)
+            broken[5, offset : offset + 2] = torch.tensor([bad], dtype=torch.int32).view(torch.uint8)[:2]
+            broken = broken.reshape(raw.shape)
+            assert dequant.blocks_finite(qtype, broken) is False, (offset, hex(bad))
+            assert not torch.isfinite(dequant.dequantize(qtype, broken, shape, torch.float32)).all()
+    assert dequant.blocks_finite("Q8_1", raw) is None  # no layout known: decode to tell
+
+
 def test_decoder_rejects_wrong_sizes() -> None:
     raw = torch.zeros(34 * 2, dtype=torch.uint8)
     with pytest.raises(ValueError, match="do not hold"):
@@ -280,7 +301,19 @@ def test_load_notices_a_file_that_shrank(tmp_path: Path) -> None:
     write_gguf(path, {"w": torch.randn(4, 64)}, "F32")
     src = GGUFSource(path)
     os.truncate(path, path.stat().st_size - 16)
-    with pytest.raises(BadFileError, match="shrank"):
+    with pytest.raises(BadFileError, match="changed on disk"):
+        src.load("w")
+
+
+def test_load_refuses_a_file_replaced_after_it_was_opened(tmp_path: Path) -> None:
+    """The engine checks a GGUF file's values, then loads it: both reads must see the same file."""
+    path, other = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    write_gguf(path, {"w": torch.randn(4, 64)}, "Q8_0")
+    write_gguf(other, {"w": torch.randn(4, 64)}, "Q8_0")
+    src = GGUFSource(path)
+    src.load("w")
+    os.replace(other, path)  # same size, same names: only the inode says it
+    with pytest.raises(BadFileError, match="changed on disk"):
         src.load("w")
 
 

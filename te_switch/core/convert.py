@@ -7,6 +7,7 @@ OpenCLIP → canonical → OpenCLIP returns the same bytes.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -22,28 +23,47 @@ from te_switch.core.layouts import (
     OPENCLIP_FUSED,
     OPENCLIP_RAW_PROJECTION,
     OPENCLIP_TOP,
+    dense_name,
     layout_of,
+    split_of,
     transpose,
 )
 from te_switch.core.readers import TensorSource
-from te_switch.core.tensors import PackedTensor, Weight, all_finite, dense, materialize
+from te_switch.core.tensors import (
+    LazyWeight,
+    PackedTensor,
+    Value,
+    Weight,
+    all_finite,
+    dense,
+    derive,
+    materialize,
+    weight_dtype_name,
+)
 
 # ---------------------------------------------------------------------------------------------
 # folding training-time and quantisation forms into plain weights
 
 
-def fold_gmp(sd: Mapping[str, Weight]) -> dict[str, Weight]:
-    """GmP training checkpoints: ``weight = r * normalize(theta, dim=1)`` (zer0int's GeometricLinear)."""
-    out: dict[str, Weight] = {}
+def _gmp_weight(r: Weight, theta: Weight) -> torch.Tensor:
+    theta = dense(theta)
+    return (dense(r).float() * F.normalize(theta.float(), p=2, dim=1)).to(theta.dtype)
+
+
+def fold_gmp(sd: Mapping[str, Value]) -> dict[str, Value]:
+    """GmP training checkpoints: ``weight = r * normalize(theta, dim=1)`` (zer0int's GeometricLinear).
+
+    Lazy inputs give lazy weights: each is computed from its ``r`` and ``theta`` when it is loaded."""
+    out: dict[str, Value] = {}
     for key, value in sd.items():
         if key.endswith(".theta"):
             base = key[: -len(".theta")]
             r = sd.get(base + ".r")
             if r is None:
                 raise ValueError(f"{key} has no matching {base}.r")
-            theta = dense(value)
-            weight = dense(r).float() * F.normalize(theta.float(), p=2, dim=1)
-            out[base + ".weight"] = weight.to(theta.dtype)
+            if tuple(r.shape) != (value.shape[0], 1):
+                raise ValueError(f"{base}.r has shape {list(r.shape)}, expected [{value.shape[0]}, 1]")
+            out[base + ".weight"] = derive(_gmp_weight, r, value, shape=tuple(value.shape), dtype=dense_name(value))
         elif key.endswith(".r") and key[: -len(".r")] + ".theta" in sd:
             continue
         else:
@@ -51,9 +71,21 @@ def fold_gmp(sd: Mapping[str, Weight]) -> dict[str, Weight]:
     return out
 
 
-def fold_scaled_fp8(sd: Mapping[str, Weight]) -> dict[str, Weight]:
+def _apply_scale(value: Weight, scale: Weight) -> torch.Tensor:
+    """A scale beside a non-fp8 weight: applied now, in fp32."""
+    return (dense(value).float() * dense(scale).float()).to(dense(value).dtype)
+
+
+def _scaled_fp8(value: torch.Tensor, scale: Weight) -> PackedTensor:
+    s = dense(scale).float()
+    s = s.reshape(()) if s.numel() == 1 else s.reshape(-1, *([1] * (value.dim() - 1)))
+    qtype = "F8_E4M3" if value.dtype == torch.float8_e4m3fn else "F8_E5M2"
+    return PackedTensor(qtype, value, value.shape, s)
+
+
+def fold_scaled_fp8(sd: Mapping[str, Value]) -> dict[str, Value]:
     """``X.weight`` (fp8) + ``X.scale_weight`` / ``X.weight_scale`` → one PackedTensor; markers dropped."""
-    out: dict[str, Weight] = {}
+    out: dict[str, Value] = {}
     for key, value in sd.items():
         if key == "scaled_fp8" or key.endswith(QUANT_SIDE_SUFFIXES):
             continue
@@ -64,14 +96,11 @@ def fold_scaled_fp8(sd: Mapping[str, Weight]) -> dict[str, Weight]:
         if scale is None:
             out[key] = value
             continue
-        if not isinstance(value, torch.Tensor) or value.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
-            # a scale beside a non-fp8 weight: apply it now, in fp32
-            out[key] = (dense(value).float() * dense(scale).float()).to(dense(value).dtype)
-            continue
-        s = dense(scale).float()
-        s = s.reshape(()) if s.numel() == 1 else s.reshape(-1, *([1] * (value.dim() - 1)))
-        qtype = "F8_E4M3" if value.dtype == torch.float8_e4m3fn else "F8_E5M2"
-        out[key] = PackedTensor(qtype, value, value.shape, s)
+        shape = tuple(value.shape)
+        if isinstance(value, PackedTensor) or weight_dtype_name(value) not in ("F8_E4M3", "F8_E5M2"):
+            out[key] = derive(_apply_scale, value, scale, shape=shape, dtype=dense_name(value))
+        else:
+            out[key] = derive(_scaled_fp8, value, scale, shape=shape, dtype=weight_dtype_name(value))
     return out
 
 
@@ -79,7 +108,21 @@ def fold_scaled_fp8(sd: Mapping[str, Weight]) -> dict[str, Weight]:
 # layout conversions (bare names, no prefix)
 
 
-def canonical_to_openclip(sd: Mapping[str, Weight]) -> dict[str, Weight]:
+def _fused(parts: list[Value]) -> Value:
+    """q, k and v as one ``in_proj``: the file's own fused tensor where they were cut from it."""
+    whole = split_of(parts)
+    if whole is not None:
+        return whole
+    rows = sum(p.shape[0] for p in parts)
+    name = dense_name(parts[0]) if isinstance(parts[0], PackedTensor | LazyWeight) else weight_dtype_name(parts[0])
+    return derive(_cat_rows, *parts, shape=(rows, *parts[0].shape[1:]), dtype=name)
+
+
+def _cat_rows(*parts: Weight) -> torch.Tensor:
+    return torch.cat([dense(p) if isinstance(p, PackedTensor) else p for p in parts], dim=0)
+
+
+def canonical_to_openclip(sd: Mapping[str, Value]) -> dict[str, Value]:
     """Canonical CLIP → OpenCLIP layout (what A1111's SDXL CLIP-G and SD2 CLIP-H modules hold).
 
     The exact inverse of ``layouts.openclip_to_canonical``: the same tables read backwards; q, k and v
@@ -90,8 +133,8 @@ def canonical_to_openclip(sd: Mapping[str, Weight]) -> dict[str, Weight]:
     block = {v: k for k, v in OPENCLIP_BLOCK.items()}
     fused_parts = {part: (fused, idx) for fused, parts in OPENCLIP_FUSED.items() for idx, part in enumerate(parts)}
     layer = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.(.+)$")
-    out: dict[str, Weight] = {}
-    pending: dict[tuple[str, str], list[Weight | None]] = {}
+    out: dict[str, Value] = {}
+    pending: dict[tuple[str, str], list[Value | None]] = {}
     for key, value in sd.items():
         m = layer.match(key)
         rest = m.group(2) if m else ""
@@ -108,7 +151,7 @@ def canonical_to_openclip(sd: Mapping[str, Weight]) -> dict[str, Weight]:
     for (head, fused), parts in pending.items():
         if any(p is None for p in parts):
             raise KeyError(f"{head}{fused}: q, k and v are not all present")
-        out[head + fused] = torch.cat([dense(p) if isinstance(p, PackedTensor) else p for p in parts], dim=0)  # type: ignore[misc]
+        out[head + fused] = _fused(parts)  # type: ignore[arg-type]
     return out
 
 
@@ -215,24 +258,33 @@ def first_non_finite(sd: Mapping[str, Weight]) -> str | None:
 # entry points
 
 
+def lazy_load(src: TensorSource, key: str) -> LazyWeight:
+    """``src.load(key)`` when it is needed; shape and dtype from the header now."""
+    info = src.info(key)
+    return LazyWeight(torch.Size(info.shape), info.dtype, functools.partial(src.load, key))
+
+
 def load_tower(
-    src: TensorSource, tower: TowerInfo, *, check: bool = True, as_stored: bool = False
-) -> dict[str, Weight]:
+    src: TensorSource, tower: TowerInfo, *, check: bool = True, as_stored: bool = False, lazy: bool = False
+) -> dict[str, Value]:
     """Read one tower of ``src`` and return it under canonical names (values as stored).
 
     ``as_stored``: no folding of scaled-fp8 scales or GmP factors (how a host that loaded the file as
     it is holds it: Forge keeps ``scale_weight`` beside the fp8 weight); implies no completeness check.
+    ``lazy``: read nothing yet — every value is a :class:`LazyWeight` that reads its tensor(s) from
+    ``src`` (which must stay open) and converts them when loaded, one at a time.
     """
     if not tower.usable and check:
         raise BadFileError(src.path, tower.error or tower.note or f"not a usable text encoder ({tower.kind})")
     p = tower.prefix
     layout = layout_of(tower.layout, tower.family)
-    local = {k[len(p) :]: src.load(k) for k in layout.keys(src.keys(), p)}
+    keys = layout.keys(src.keys(), p)
+    local = {k[len(p) :]: lazy_load(src, k) if lazy else src.load(k) for k in keys}
     try:
         local = local if as_stored else fold_gmp(fold_scaled_fp8(local))
+        sd = layout.to_canonical(local)
     except ValueError as e:
         raise BadFileError(src.path, str(e)) from None
-    sd = layout.to_canonical(local)
     # derived or unused: adapters write arange(positions) themselves; logit_scale is CLIP's loss temperature
     sd = {k: v for k, v in sd.items() if not k.endswith(("position_ids", "logit_scale"))}
     if check and not as_stored:

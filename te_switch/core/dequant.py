@@ -279,6 +279,40 @@ def dequantize(qtype: str, raw: torch.Tensor, shape: torch.Size, dtype: torch.dt
     return out.reshape(shape)
 
 
+# byte offsets of each block's float16 fields (ggml-common.h): every other field is an integer, so a
+# block decodes (in float32) to finite values exactly when these are finite — NaN/Inf times anything,
+# zero included, stays non-finite, and finite halves times the small integers cannot overflow
+HALF_FIELDS: dict[str, tuple[int, ...]] = {
+    "Q4_0": (0,),
+    "Q4_1": (0, 2),
+    "Q5_0": (0,),
+    "Q5_1": (0, 2),
+    "Q8_0": (0,),
+    "Q2_K": (80, 82),
+    "Q3_K": (108,),
+    "Q4_K": (0, 2),
+    "Q5_K": (0, 2),
+    "Q6_K": (208,),
+    "IQ4_NL": (0,),
+    "IQ4_XS": (0,),
+}
+_HALF_EXPONENT = 0x7C00  # all exponent bits set: Inf or NaN
+
+
+def blocks_finite(qtype: str, raw: torch.Tensor) -> bool | None:
+    """Whether ``raw`` (``qtype`` blocks) decodes to finite values, from its scale fields alone (about
+    1/16 of its bytes); None for a type without a known layout (decode it to tell)."""
+    offsets = HALF_FIELDS.get(qtype)
+    if offsets is None or raw.dtype != torch.uint8:
+        return None
+    blocks = raw.reshape(-1, BLOCK_SIZES[qtype][1])
+    for offset in offsets:
+        field = blocks[:, offset : offset + 2].contiguous().view(torch.int16)
+        if bool(((field & _HALF_EXPONENT) == _HALF_EXPONENT).any()):
+            return False
+    return True
+
+
 def _decoder(qtype: str) -> Decoder:
     def decode(raw: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         return dequantize(qtype, raw, shape, dtype)

@@ -132,6 +132,10 @@ def _short(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:120]}" if text else type(err).__name__
 
 
+def _state(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class GGUFSource(TensorSource):
     """A GGUF file: keys are the stored (llama.cpp) names, ``info`` shapes are torch order."""
 
@@ -144,6 +148,7 @@ class GGUFSource(TensorSource):
         except ImportError:
             raise self.fail(NEED_GGUF) from None
         self._check_preamble()
+        self._state = _state(os.stat(self.path))  # every later read must find this same file
         self._entries: dict[str, _Entry] = {}
         # Parse, copy out what we need, and let the reader (and its memory map) go before any error
         # leaves this frame: an exception's traceback would otherwise keep the file mapped.
@@ -239,6 +244,8 @@ class GGUFSource(TensorSource):
         view = memoryview(out.numpy())
         try:
             with open(self.path, "rb") as f:
+                if _state(os.fstat(f.fileno())) != self._state:
+                    raise self.fail("the file changed on disk after it was opened")
                 f.seek(entry.offset)
                 done = 0
                 while done < entry.nbytes:

@@ -12,12 +12,13 @@ A new layout is one entry in :data:`LAYOUTS`, its rename table and function here
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from te_switch.core.tensors import PackedTensor, Weight, dense
+from te_switch.core.tensors import SAFETENSORS_DTYPES, LazyWeight, PackedTensor, Value, Weight, dense, derive
 
 # ---------------------------------------------------------------------------------------------
 # rename tables
@@ -78,8 +79,22 @@ _BLOCK = re.compile(r"^(transformer\.resblocks|enc\.blk)\.(\d+)\.(.+)$")
 # exact operations on weights that may be packed
 
 
-def split_rows(w: Weight, parts: int) -> list[Weight]:
-    """Split along the output dimension; packed weights split their block rows (exact)."""
+def split_rows(w: Value, parts: int) -> list[Value]:
+    """Split along the output dimension; packed weights split their block rows (exact).
+
+    A lazy weight splits into lazy parts that share one read of it per pass (see :func:`split_of`).
+    """
+    if isinstance(w, LazyWeight):
+        if not w.shape or w.shape[0] % parts:
+            raise ValueError(f"a fused tensor of shape {list(w.shape)} does not split into {parts} equal parts")
+        whole = w.shared(parts)
+        shape = torch.Size((w.shape[0] // parts, *w.shape[1:]))
+        out: list[Value] = []
+        for i in range(parts):
+            part = LazyWeight(shape, w.dtype, lambda i=i: split_rows(whole.load(), parts)[i])
+            _SPLITS[part] = (w, i, parts)
+            out.append(part)
+        return out
     if isinstance(w, PackedTensor):
         rows = w.shape[0] // parts
         raws = w.raw.split(w.raw.shape[0] // parts, dim=0)
@@ -95,8 +110,34 @@ def split_rows(w: Weight, parts: int) -> list[Weight]:
     return list(w.chunk(parts, dim=0))
 
 
-def transpose(w: Weight) -> torch.Tensor:
+def split_of(parts: list[Value]) -> Value | None:
+    """The weight :func:`split_rows` cut into exactly these lazy parts, in order (else None): fusing
+    them again is then that weight itself, with no copy."""
+    first = _SPLITS.get(parts[0]) if isinstance(parts[0], LazyWeight) else None
+    if first is None or first[2] != len(parts):
+        return None
+    whole = first[0]
+    ok = all(isinstance(p, LazyWeight) and _SPLITS.get(p) == (whole, i, len(parts)) for i, p in enumerate(parts))
+    return whole if ok else None
+
+
+# lazy part -> (the lazy weight it was cut from, its index, the number of parts); gone with the part
+_SPLITS: weakref.WeakKeyDictionary[LazyWeight, tuple[LazyWeight, int, int]] = weakref.WeakKeyDictionary()
+
+
+def dense_name(w: Value) -> str:
+    """The stored dtype name of ``dense(w)``: float16/bfloat16/float32 as stored, the rest F32."""
+    name = w.dtype if isinstance(w, PackedTensor | LazyWeight) else None
+    if name is None:
+        return {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}.get(w.dtype, "F32")  # type: ignore[union-attr]
+    return name if name in ("F16", "BF16", "F32") else "F32"
+
+
+def transpose(w: Value) -> Value:
     # plain tensors keep their stored dtype (fp8 included) so layout round trips stay bit-exact
+    if isinstance(w, LazyWeight):
+        kept = w.dtype if w.dtype in SAFETENSORS_DTYPES else "F32"
+        return derive(transpose, w, shape=(w.shape[1], w.shape[0]), dtype=kept)
     return (dense(w) if isinstance(w, PackedTensor) else w).t().contiguous()
 
 
@@ -135,10 +176,15 @@ def openclip_to_canonical(sd: Mapping[str, Weight]) -> dict[str, Weight]:
             out[key] = value
     if "positional_embedding_res" in sd:
         # Long-CLIP adds pe*mask1 + pe_res*mask2: rows <20 from pe, rows >=20 from pe_res
-        pe = dense(sd["positional_embedding"])
-        res = dense(sd["positional_embedding_res"])
-        out[OPENCLIP_TOP["positional_embedding"]] = torch.cat([pe[:LONG_CLIP_KEEP], res[LONG_CLIP_KEEP:]], dim=0)
+        pe, res = sd["positional_embedding"], sd["positional_embedding_res"]
+        out[OPENCLIP_TOP["positional_embedding"]] = derive(
+            _merge_long_clip_positions, pe, res, shape=tuple(res.shape), dtype=dense_name(res)
+        )
     return out
+
+
+def _merge_long_clip_positions(pe: Weight, res: Weight) -> torch.Tensor:
+    return torch.cat([dense(pe)[:LONG_CLIP_KEEP], dense(res)[LONG_CLIP_KEEP:]], dim=0)
 
 
 def hf_flat_to_canonical(sd: Mapping[str, Weight]) -> dict[str, Weight]:

@@ -129,20 +129,89 @@ class PackedTensor:
         return PackedTensor(self.qtype, self.raw.to(device), self.shape, scale, self.decode)
 
 
+@dataclass(eq=False)
+class LazyWeight:
+    """A weight that is read from its file, and converted, only when ``load()`` asks for it.
+
+    What a lazily loaded tower holds (``convert.load_tower(lazy=True)``): the engine checks and
+    commits such a mapping one tensor at a time, so no converted tower ever sits in RAM. ``shape``
+    and ``dtype`` (a stored dtype name, as :attr:`PackedTensor.dtype`) come from the file's header.
+    Each ``load()`` reads again and keeps nothing — except a value :meth:`shared` by ``uses`` derived
+    weights (a fused ``in_proj`` and its q, k, v): read once, held until each of them has taken it.
+    """
+
+    shape: torch.Size
+    dtype: str
+    produce: Callable[[], Weight]
+    uses: int = 1
+    _held: Weight | None = None
+    _left: int = 0
+
+    def load(self) -> Weight:
+        held = self._held
+        if held is not None:
+            self._left -= 1
+            if self._left <= 0:
+                self._held = None
+            return held
+        value = self.produce()
+        if self.uses > 1:
+            self._held, self._left = value, self.uses - 1
+        return value
+
+    def shared(self, uses: int) -> LazyWeight:
+        """This weight for ``uses`` consumers that each take it once per pass: one read per pass."""
+        return LazyWeight(self.shape, self.dtype, self.load if self.uses == 1 else self.produce, uses)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
 Weight = torch.Tensor | PackedTensor
+Value = Weight | LazyWeight  # what a (possibly lazy) mapping of a tower holds
 
 
-def weight_dtype_name(w: Weight) -> str:
-    return w.qtype if isinstance(w, PackedTensor) else dtype_name(w.dtype)
+def realize(w: Value) -> Weight:
+    """The weight itself: a lazy one is read (and converted) now."""
+    return w.load() if isinstance(w, LazyWeight) else w
 
 
-def is_compressed(w: Weight) -> bool:
+def derive(fn: Callable[..., Weight], *inputs: Value, shape: tuple[int, ...], dtype: str) -> Value:
+    """``fn(*inputs)`` now — or, when an input is lazy, a :class:`LazyWeight` that computes it from
+    the inputs' values each time it is loaded (``shape``/``dtype``: what ``fn`` returns)."""
+    if not any(isinstance(i, LazyWeight) for i in inputs):
+        return fn(*inputs)
+    return LazyWeight(torch.Size(shape), dtype, lambda: fn(*(realize(i) for i in inputs)))
+
+
+def as_dense(w: Value) -> Value:
+    """``dense(w)`` for a compressed weight (computed when loaded, for a lazy one); others as they are."""
+    return derive(dense, w, shape=tuple(w.shape), dtype="F32") if is_compressed(w) else w
+
+
+def weight_dtype_name(w: Value) -> str:
+    return w.qtype if isinstance(w, PackedTensor) else w.dtype if isinstance(w, LazyWeight) else dtype_name(w.dtype)
+
+
+def is_compressed(w: Value) -> bool:
     """True for weights that must be expanded before a matmul (GGUF blocks, fp8)."""
+    if isinstance(w, LazyWeight):
+        return w.dtype not in SAFETENSORS_DTYPES or SAFETENSORS_DTYPES[w.dtype] in FLOAT8_DTYPES
     return isinstance(w, PackedTensor) or w.dtype in FLOAT8_DTYPES
 
 
-def dense(w: Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+def is_float(w: Value) -> bool:
+    """Whether ``w`` holds float values (packed and lazy weights from their stored dtype)."""
+    if isinstance(w, torch.Tensor):
+        return w.is_floating_point()
+    name = weight_dtype_name(w)
+    return name not in SAFETENSORS_DTYPES or SAFETENSORS_DTYPES[name].is_floating_point
+
+
+def dense(w: Value, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Real values of ``w``; ``dtype=None`` keeps float16/bfloat16/float32 as stored, expands the rest to fp32."""
+    if isinstance(w, LazyWeight):
+        w = w.load()
     if isinstance(w, PackedTensor):
         return w.dequantize(dtype or torch.float32)
     if w.dtype in FLOAT8_DTYPES:
@@ -167,10 +236,11 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
-def materialize(state: Mapping[str, Weight], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def materialize(state: Mapping[str, Value], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every weight as a plain tensor (integer tensors keep their dtype)."""
     out = {}
     for k, w in state.items():
+        w = realize(w)
         if isinstance(w, torch.Tensor) and not w.is_floating_point():
             out[k] = w
         else:

@@ -34,6 +34,7 @@ slot untouched too; a failure during a commit puts every slot back from the same
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import weakref
@@ -43,7 +44,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from te_switch.core import digest
-from te_switch.core.convert import load_tower
+from te_switch.core.convert import lazy_load, load_tower
+from te_switch.core.dequant import blocks_finite
 from te_switch.core.detect import TowerInfo
 from te_switch.core.errors import BadFileError, IncompatibleError, TESwitchError, one_line
 from te_switch.core.fingerprint import fingerprint, is_mapped, mapped_ranges, prefault
@@ -55,12 +57,16 @@ from te_switch.core.selection import KINDS_BY_SLOT, SLOT_LABELS, SlotChoice
 from te_switch.core.tensors import (
     PRECISIONS,
     SAFETENSORS_DTYPES,
+    LazyWeight,
     PackedTensor,
+    Value,
     Weight,
     all_finite,
     dense,
     dtype_name,
     is_compressed,
+    is_float,
+    realize,
 )
 
 Resize = Callable[[int], None]
@@ -238,12 +244,20 @@ class _Memory:
 @dataclass
 class Prepared:
     request: SlotRequest
-    tensors: dict[str, Weight]  # host key -> value as stored, a view of the file where it can be
+    # host key -> a LazyWeight: reads its tensor(s) from ``reader`` and converts them when loaded, so
+    # the check and the commit each hold one tensor (a fused in_proj: one per layer) at a time
+    tensors: dict[str, Value]
     identity: tuple
+    reader: TensorSource | None = None  # open from prepare until the commit is done
+    state: tuple | None = None  # the file's inode/size/mtime when it was checked
 
     @property
     def slot(self) -> LiveSlot:
         return self.request.slot
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
 
 
 def _identity(request: SlotRequest) -> tuple:
@@ -295,7 +309,7 @@ def remember_check(path: str, tower: TowerInfo, reason: str | None) -> None:
         _CHECKED[key] = reason
 
 
-def check_values_once(src: TensorSource, tower: TowerInfo, values: Mapping[str, Weight]) -> str | None:
+def check_values_once(src: TensorSource, tower: TowerInfo, values: Mapping[str, Value]) -> str | None:
     """Why ``tower`` of ``src`` cannot be loaded for its values (NaN/Inf), or None; read once per file state.
 
     A safetensors file is read once, start to end: the tower's tensors are checked as the bytes pass
@@ -336,15 +350,18 @@ def _first_bad_stored(src: SafetensorsSource, tower: TowerInfo) -> str | None:
     return None
 
 
-def first_bad_value(values: Mapping[str, Weight]) -> str | None:
+def first_bad_value(values: Mapping[str, Value]) -> str | None:
     """The first key whose values are not all finite; each distinct tensor is read once, none kept."""
     seen: set[int] = set()
-    for key, value in values.items():
-        if id(value) in seen or (isinstance(value, torch.Tensor) and not value.is_floating_point()):
+    for key, lazy in values.items():
+        if id(lazy) in seen or not is_float(lazy):
             continue
-        seen.add(id(value))
+        seen.add(id(lazy))
+        value = realize(lazy)
         if isinstance(value, PackedTensor):
-            ok = all(all_finite(dense(part)) for part in _row_chunks(value))
+            # GGUF blocks: their scale fields say it; other packed weights are expanded a slice at a time
+            quick = blocks_finite(value.qtype, value.raw) if value.scale is None else None
+            ok = quick if quick is not None else all(all_finite(dense(part)) for part in _row_chunks(value))
         else:
             prefault(value)
             ok = all_finite(value)
@@ -353,8 +370,12 @@ def first_bad_value(values: Mapping[str, Weight]) -> str | None:
     return None
 
 
-def _row_chunks(value: PackedTensor, rows: int = 1024) -> list[PackedTensor]:
-    """A packed weight as slices of rows, so checking it never expands it whole."""
+ROW_CHUNK = 1024  # rows of a packed weight expanded at a time (T5-XXL's 4096-wide rows: 16 MB in fp32)
+
+
+def _row_chunks(value: PackedTensor, rows: int | None = None) -> list[PackedTensor]:
+    """A packed weight as slices of rows, so checking or writing it never expands it whole."""
+    rows = rows or ROW_CHUNK
     if (
         value.raw.dim() < 2
         or value.raw.shape[0] != value.shape[0]
@@ -421,14 +442,18 @@ class SwapEngine:
         applied = self.applied(slot)
         if applied is not None and applied.identity == identity:
             return Prepared(request, {}, identity)  # already there
-        with open_file(source.path) as src:
-            canonical = load_tower(src, tower)
-            host = slot.to_host(canonical)
+        src = open_file(source.path)
+        try:
+            state = _file_state(source.path)
+            host = slot.to_host(load_tower(src, tower, lazy=True))
             self._validate(slot, source, host)
             reason = check_values_once(src, tower, host)
-        if reason is not None:
-            raise BadFileError(source.path, reason)
-        return Prepared(request, host, identity)
+            if reason is not None:
+                raise BadFileError(source.path, reason)
+        except BaseException:
+            src.close()
+            raise
+        return Prepared(request, host, identity, src, state)
 
     def _positions_of(self, slot: LiveSlot, host: Mapping[str, Weight]) -> int | None:
         for key in slot.position_keys:
@@ -467,15 +492,20 @@ class SwapEngine:
         If a commit fails, every slot of this call goes back to what it held before the call.
         """
         with self._lock:
-            prepared = [self.prepare(r) for r in requests]
-            before = [(p.slot, self.applied(p.slot)) for p in prepared]
+            prepared: list[Prepared] = []
             try:
-                changed = [p.slot.name for p in prepared if self._commit(p)]
-            except Exception:
-                for slot, previous in before:
-                    self._return_to(slot, previous)
-                self.epoch += 1
-                raise
+                prepared.extend(self.prepare(r) for r in requests)  # those before a failure are closed too
+                before = [(p.slot, self.applied(p.slot)) for p in prepared]
+                try:
+                    changed = [p.slot.name for p in prepared if self._commit(p)]
+                except Exception:
+                    for slot, previous in before:
+                        self._return_to(slot, previous)
+                    self.epoch += 1
+                    raise
+            finally:
+                for p in prepared:
+                    p.close()
             if changed:
                 self.epoch += 1
             return changed
@@ -489,10 +519,15 @@ class SwapEngine:
             return
         if current is not None and current.identity == previous.identity:
             return
+        p = None
         try:
-            self._commit(self.prepare(SlotRequest(slot, previous.choice, previous.source, previous.wanted_positions)))
+            p = self.prepare(SlotRequest(slot, previous.choice, previous.source, previous.wanted_positions))
+            self._commit(p)
         except Exception:
             self.restore(slot)
+        finally:
+            if p is not None:
+                p.close()
 
     def _commit(self, p: Prepared) -> bool:
         request, slot = p.request, p.slot
@@ -502,6 +537,8 @@ class SwapEngine:
             return self.restore(slot)
         if mem is not None and mem.applied is not None and mem.applied.identity == p.identity:
             return False
+        if request.source is not None and p.state is not None and _file_state(request.source.path) != p.state:
+            raise BadFileError(request.source.path, "changed on disk while it was being swapped in")
         if mem is None:
             mem = self._remember(slot, request)
             self._memory[slot.module] = mem
@@ -510,12 +547,12 @@ class SwapEngine:
             origin = _OriginReader(mem, slot)
             if request.source is None:
                 # the checkpoint's own weights, at another precision or position count
-                tensors: dict[str, Weight] = {k: origin.value(k) for k in mem.originals if k not in slot.derived}
+                tensors: dict[str, Value] = {k: origin.lazy(k) for k in mem.originals if k not in slot.derived}
             else:
                 tensors = dict(p.tensors)
                 for key in slot.optional:  # optional keys a file omits keep the checkpoint's values
                     if key not in tensors and key in mem.originals:
-                        tensors[key] = origin.value(key)
+                        tensors[key] = origin.lazy(key)
             positions = self._positions_of(slot, tensors) or mem.original_positions
             if request.positions is not None and positions != request.positions:
                 tensors = self._stretched(slot, tensors, request.positions)
@@ -536,7 +573,7 @@ class SwapEngine:
         mem = self._memory.get(slot.module)
         return mem.original_positions if mem and mem.originals else slot.positions()
 
-    def _stretched(self, slot: LiveSlot, tensors: dict[str, Weight], positions: int) -> dict[str, Weight]:
+    def _stretched(self, slot: LiveSlot, tensors: dict[str, Value], positions: int) -> dict[str, Value]:
         out = dict(tensors)
         for key in slot.position_keys:
             if key in out:
@@ -554,7 +591,7 @@ class SwapEngine:
         live = _distinct(slot.live_tensors())
         ranges = mapped_ranges()
         origin = request.builtin() if request.builtin is not None else None
-        recipe: dict[str, Weight] = {}
+        recipe: dict[str, Value] = {}
         reader = None
         if origin is not None:
             try:
@@ -602,8 +639,9 @@ class SwapEngine:
             lowbit.detach(module)
         mem.packed.clear()
 
-    def _load(self, slot: LiveSlot, mem: _Memory, tensors: Mapping[str, Weight], dtype: torch.dtype | None) -> None:
-        """Stream ``tensors`` into the slot, one at a time, each tied tensor once."""
+    def _load(self, slot: LiveSlot, mem: _Memory, tensors: Mapping[str, Value], dtype: torch.dtype | None) -> None:
+        """Stream ``tensors`` into the slot, one at a time (a lazy one read and converted only here),
+        each tied tensor once."""
         live = slot.live_tensors()
         ranges = mapped_ranges()
         keep_packed = dtype is None and any(is_compressed(v) for v in tensors.values())
@@ -620,7 +658,8 @@ class SwapEngine:
                 if owner not in mem.packed:
                     shown = slot.store_dtypes.get(key, torch.float16) if dtype is None else dtype
                     shown = shown if shown in lowbit.COMPUTE_DTYPES else torch.float16
-                    lowbit.attach(owner, _packable(value, shown, exact=dtype is not None), kind="linear", dtype=shown)
+                    packed = _packable(realize(value), shown, exact=dtype is not None)
+                    lowbit.attach(owner, packed, kind="linear", dtype=shown)
                     mem.packed.append(owner)
                 continue
             kind = (slot.pack_kind or default_pack_kind)(owner) if keep_packed else None
@@ -634,7 +673,7 @@ class SwapEngine:
                         if shown in lowbit.COMPUTE_DTYPES and live[key].dtype not in lowbit.COMPUTE_DTYPES
                         else None
                     )
-                    lowbit.attach(owner, value, kind=kind, dtype=shown, release=key not in slot.position_keys)
+                    lowbit.attach(owner, realize(value), kind=kind, dtype=shown, release=key not in slot.position_keys)
                     mem.packed.append(owner)
                 continue
             if id(target) in written:
@@ -714,9 +753,9 @@ class _OriginReader:
     def __init__(self, mem: _Memory, slot: LiveSlot) -> None:
         self.mem, self.slot = mem, slot
         self._src = None
-        self._recipe: dict[str, Weight] | None = None
+        self._recipe: dict[str, Value] | None = None
 
-    def _file(self) -> dict[str, Weight]:
+    def _file(self) -> dict[str, Value]:
         if self._recipe is None:
             origin = self.mem.origin
             if origin is None:
@@ -758,8 +797,13 @@ class _OriginReader:
         if original.copy is not None:
             return original.copy
         if original.held:  # the file's own weight, as stored: the host's layer never held anything else
-            return self._file()[key]
+            return realize(self._file()[key])
         return _as_host(self._file()[key], original.dtype, self.mem.origin)
+
+    def lazy(self, key: str) -> LazyWeight:
+        """``value(key)`` when it is loaded (the commit reads one tensor at a time)."""
+        original = self.mem.originals[key]
+        return LazyWeight(torch.Size(original.shape), dtype_name(original.dtype), functools.partial(self.value, key))
 
     def close(self) -> None:
         if self._src is not None:
@@ -767,18 +811,19 @@ class _OriginReader:
         self._src, self._recipe = None, None
 
 
-def _recipe(src: TensorSource, origin: BuiltinSource, slot: LiveSlot) -> dict[str, Weight]:
-    """The host's file mapped to the slot's names, values as stored (views of the file where possible)."""
+def _recipe(src: TensorSource, origin: BuiltinSource, slot: LiveSlot) -> dict[str, Value]:
+    """The host's file mapped to the slot's names, lazily: each value read (as stored) when loaded."""
     if origin.stored_names:
         p = origin.tower.prefix
-        values: dict[str, Weight] = {k[len(p) :]: src.load(k) for k in src.keys() if k.startswith(p)}  # noqa: SIM118
+        values: dict[str, Value] = {k[len(p) :]: lazy_load(src, k) for k in src.keys() if k.startswith(p)}  # noqa: SIM118
     else:
-        values = load_tower(src, origin.tower, check=False, as_stored=True)
+        values = load_tower(src, origin.tower, check=False, as_stored=True, lazy=True)
     return (origin.to_host or slot.to_host)(values)
 
 
-def _as_host(value: Weight, dtype: torch.dtype, origin: BuiltinSource | None) -> torch.Tensor:
+def _as_host(value: Value, dtype: torch.dtype, origin: BuiltinSource | None) -> torch.Tensor:
     """A stored value converted as the host converted it: through ``cast_via``, then to ``dtype``."""
+    value = realize(value)
     tensor = dense(value) if isinstance(value, PackedTensor) else value
     if not tensor.is_floating_point() or not dtype.is_floating_point:
         return tensor.to(dtype) if tensor.dtype != dtype else tensor
@@ -808,22 +853,29 @@ class _Writes:
         self.pending: dict[str, Weight] = {}
 
     def add(
-        self, owner: torch.nn.Module | None, key: str, target: torch.Tensor, value: Weight, dtype: torch.dtype
+        self, owner: torch.nn.Module | None, key: str, target: torch.Tensor, value: Value, dtype: torch.dtype
     ) -> None:
         if owner is None:
             raise RuntimeError(f"the module has no place for {key}")
         if owner is not self.owner:
             self.flush()
             self.owner = owner
-        value = dense(value) if isinstance(value, PackedTensor) else value
-        prefault(value)
+        value = realize(value)
+        in_place = not is_mapped(target, self.ranges) and tuple(target.shape) == tuple(value.shape)
+        if isinstance(value, PackedTensor) and not (in_place and value.decode is None):
+            value = dense(value)
+        if isinstance(value, torch.Tensor):
+            prefault(value)
         with torch.no_grad():
-            if is_mapped(target, self.ranges) or tuple(target.shape) != tuple(value.shape):
+            if not in_place:
                 new = value.to(device=target.device, dtype=dtype)
                 target.data = new if new.is_contiguous() else new.contiguous()
                 return
             if target.dtype != dtype:
                 target.data = torch.empty(target.shape, dtype=dtype, device=target.device)
+            if isinstance(value, PackedTensor):
+                _expand_into(target, value)
+                value = target  # the load copies it onto itself (a no-op): host hooks still see one
         self.pending[key.rsplit(".", 1)[-1]] = value
 
     def flush(self) -> None:
@@ -831,6 +883,17 @@ class _Writes:
         self.owner, self.pending = None, {}
         if owner is not None and pending:
             _write(owner, pending)
+
+
+def _expand_into(target: torch.Tensor, value: PackedTensor) -> None:
+    """A packed weight expanded straight into ``target``, a slice of rows at a time: no temporary the size
+    of the tensor (a T5-XXL token table is 0.5 GB in fp32). Each slice is computed in fp32 and rounded
+    once to ``target``'s dtype, as a whole-tensor expansion and copy would."""
+    start = 0
+    for part in _row_chunks(value):
+        rows = part.shape[0]
+        target[start : start + rows].copy_(part.dequantize(target.dtype, target.device))
+        start += rows
 
 
 def _write(owner: torch.nn.Module, values: Mapping[str, Weight]) -> None:

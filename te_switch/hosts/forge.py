@@ -82,7 +82,7 @@ from te_switch.core.compute import autocast_off
 from te_switch.core.longclip import chunk_length as longclip_chunk_length
 from te_switch.core.lowbit import FP8_QTYPES
 from te_switch.core.selection import SLOTS_BY_FAMILY, Selection
-from te_switch.core.tensors import PackedTensor, Weight, dense, is_compressed
+from te_switch.core.tensors import SAFETENSORS_DTYPES, LazyWeight, PackedTensor, Weight, as_dense, derive
 from te_switch.hosts import sdwebui
 from te_switch.hosts.base import HostAdapter, Resolver, tower_in, tower_positions
 from te_switch.hosts.engine import BuiltinSource, LiveSlot, SlotRequest, SwapEngine, default_pack_kind
@@ -188,12 +188,17 @@ def _as_forge_loads(to_host: Callable[[Mapping[str, Weight]], dict[str, Weight]]
     def mapped(sd: Mapping[str, Weight]) -> dict[str, Weight]:
         out = to_host(sd)
         for key, value in out.items():
-            if isinstance(value, PackedTensor) and value.qtype not in FP8_QTYPES:
-                embedding = key.endswith(("shared.weight", "embed_tokens.weight"))
-                out[key] = replace(value, decode=shared if embedding else linear)
+            gguf = value.dtype not in SAFETENSORS_DTYPES if isinstance(value, LazyWeight) else None
+            if gguf or (isinstance(value, PackedTensor) and value.qtype not in FP8_QTYPES):
+                decode = shared if key.endswith(("shared.weight", "embed_tokens.weight")) else linear
+                out[key] = derive(_decoding(decode), value, shape=tuple(value.shape), dtype=value.dtype)  # type: ignore[arg-type]
         return out
 
     return mapped
+
+
+def _decoding(decode: Callable[[PackedTensor], torch.Tensor]) -> Callable[[PackedTensor], PackedTensor]:
+    return lambda value: replace(value, decode=decode)
 
 
 def _t5_storage(module: torch.nn.Module) -> str:
@@ -267,7 +272,7 @@ class ForgeAdapter(HostAdapter):
                 is_block = key.startswith("text_model.encoder.layers.")
                 if drop_from is not None and is_block and int(key.split(".")[3]) >= drop_from:
                     continue  # SD2: Forge's CLIP-H stops one block early
-                canonical[key] = dense(value) if is_compressed(value) else value
+                canonical[key] = as_dense(value)
             return base(canonical)
 
         slot.to_host = to_host

@@ -55,8 +55,9 @@ import torch
 
 from te_switch.core.clip_skip import FINAL_LAYER_NORM, TOWER_LAYERS, TowerPlan, run_to_layer, tower_plan
 from te_switch.core.convert import CANONICAL_PROJECTION
+from te_switch.core.layouts import transpose
 from te_switch.core.selection import SLOT_LABELS, SLOTS_BY_FAMILY, Selection
-from te_switch.core.tensors import Weight, dense, is_compressed
+from te_switch.core.tensors import Weight, as_dense
 from te_switch.hosts import sdwebui
 from te_switch.hosts.a1111 import A1111Adapter, Patch, _hf_clip_layer, _own_precision
 from te_switch.hosts.base import tower_in
@@ -335,12 +336,12 @@ def _holder_slot(name: str, holder: torch.nn.Module) -> LiveSlot:
     raw_projection = name == "clip_g" and "text_projection" in live
 
     def to_host(sd: Mapping[str, Weight]) -> dict[str, Weight]:
-        canonical = {k: dense(v) if is_compressed(v) else v for k, v in sd.items()}  # the host computes CLIP dense
+        canonical = {k: as_dense(v) for k, v in sd.items()}  # the host computes CLIP dense
         out: dict[str, Weight] = {HOLDER + k: v for k, v in inner.to_host(canonical).items()}
         projection = canonical.get(CANONICAL_PROJECTION)
         if raw_projection and projection is not None:
             # the host computes pooled @ P: P is the transpose of the HF Linear weight
-            out["text_projection"] = dense(projection).t().contiguous()
+            out["text_projection"] = transpose(projection)
         return out
 
     def prefixed(keys: frozenset[str]) -> frozenset[str]:

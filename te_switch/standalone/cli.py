@@ -62,7 +62,7 @@ def check_values(info: TowerInfo) -> None:
         return
     try:
         with open_file(info.path) as src:
-            bad = first_non_finite(load_tower(src, info))
+            bad = first_non_finite(load_tower(src, info, lazy=True))
     except TESwitchError as e:
         info.error = one_line(e)
         return

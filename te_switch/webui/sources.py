@@ -142,7 +142,7 @@ def check_values(src: EncoderSource) -> None:
     if not known:
         try:
             with open_file(src.path) as opened:  # one read: the values and the file's sha256
-                reason = check_values_once(opened, src.tower, load_tower(opened, src.tower))
+                reason = check_values_once(opened, src.tower, load_tower(opened, src.tower, lazy=True))
         except (TESwitchError, OSError, RuntimeError, ValueError, KeyError) as e:
             reason = one_line(e)
     if reason is not None:
