@@ -2,7 +2,7 @@
 
     python benchmarks/bench_swap.py [--t5 fp16|fp8] [--t5-blocks N] [--file PATH] [--threads N]
                                     [--case gmp|gguf|fp8-clip] [--precision auto|fp32|bf16|fp16]
-                                    [--cycles 20] [--repeats 3] [--dir DIR]
+                                    [--cycles 20] [--repeats 3] [--cold] [--dir DIR]
 
 Default: a real-shape CLIP-L (123M weights, fp16 file of 246 MB) into the CLIP-L slot of an SD1.5
 checkpoint's text encoder (a transformers ``CLIPTextModel`` at fp16, loaded from the checkpoint the way
@@ -20,18 +20,27 @@ slot; ``fp8-clip``: a CLIP-L stored e4m3fn. ``--precision``: the slot's precisio
 ``--threads N``: torch's intra-op threads for the whole run (on a shared, oversubscribed machine one
 thread avoids OpenMP stalls that say nothing about the engine; the baseline uses none either way).
 
-Measured in one run, page cache warm for every file (each is read once before it is timed):
+Measured in one run. ``warm``: the file was read once just before (page cache warm); ``cold`` (with
+``--file``, or ``--cold``): it was evicted from the page cache just before (``posix_fadvise``
+DONTNEED), so it comes from the disk — what a first swap of a big file costs where it does not stay
+in the page cache:
 
 * **raw read**: every tensor of the file read into freshly allocated memory (``readinto``): what any
-  loader pays at least to have the file in RAM — the baseline;
+  loader pays at least to have the file in RAM — the baseline, one per cache state; **disk read
+  (cold)**: every byte through one reused buffer (the disk alone, nothing materialised);
 * **swap**: ``SwapEngine.apply`` with the file on first use: open, map, check every key/shape/value
   (reading each tensor once), start its sha256 beside (``core.digest``), fingerprint the slot and
-  prove its source (first swap only), stream the file in; **sha256 ready**: from the start of the
-  swap until the file's hash (the infotext's short hash) is known; **restore**: Built-in from the
-  checkpoint, proven against the fingerprint;
+  prove its source (first swap only), stream the file in; the steps line says where the time and
+  the disk reads went; **sha256 ready**: from the start of the swap until the file's hash (the
+  infotext's short hash) is known; **restore**: Built-in from the checkpoint, proven against the
+  fingerprint;
+* **from disk**: bytes the process (every thread) had fetched from storage (``/proc/self/io``
+  read_bytes) during the operation, as multiples of the file: 1.00× is one read, 2.00× two;
 * **peak extra anonymous memory**: ``RssAnon`` (/proc/self/status) sampled every 2 ms during the
   operation, minus the larger of before/after, as a share of the file size;
 * **cycles**: ``RssAnon`` after N swap/restore cycles against after the first one (must not grow).
+
+``--min-available-gb`` (default 1.5): the run exits when the machine's MemAvailable drops below it.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -75,6 +85,79 @@ def rss_anon() -> int:
             if line.startswith("RssAnon:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def disk_bytes(this_thread: bool = False) -> int:
+    """Bytes this process (every thread, or only the calling one) has had fetched from storage: page-cache
+    misses, not cache hits."""
+    where = f"/proc/self/task/{threading.get_native_id()}/io" if this_thread else "/proc/self/io"
+    with open(where) as f:
+        for line in f:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
+def available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def guard(min_available: int) -> None:
+    """Exit the whole process, loudly, before the machine runs out of memory (a real-size T5 is most of it)."""
+
+    def watch() -> None:
+        while True:
+            if available() < min_available:
+                print(f"MemAvailable below {min_available / 1e9:.1f} GB: benchmark aborted", flush=True)
+                os._exit(3)
+            time.sleep(0.05)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def evict(path: str) -> None:
+    """Drop ``path``'s pages from the page cache (the next read comes from the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def warm(path: str) -> None:
+    """Read ``path`` once through a small reused buffer: its pages cached, no memory of ours kept."""
+    buf = bytearray(8 << 20)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+
+
+def disk_read(path: str) -> float:
+    """Every byte of ``path`` through a reused buffer: the disk's (or the page cache's) speed alone."""
+    started = time.perf_counter()
+    warm(path)
+    return time.perf_counter() - started
+
+
+def cached_share(path: str) -> float:
+    """The share of ``path``'s pages in the page cache now (``mincore``)."""
+    import mmap
+
+    size = os.path.getsize(path)
+    page = mmap.PAGESIZE
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mm:
+        pages = (size + page - 1) // page
+        vec = (ctypes.c_ubyte * pages)()
+        address = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+        ok = libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) == 0
+        return int((torch.frombuffer(vec, dtype=torch.uint8) & 1).sum()) / pages if ok else float("nan")
 
 
 def trim() -> None:
@@ -247,14 +330,62 @@ def raw_read(path: str) -> float:
     return elapsed
 
 
-def timed_with_memory(fn: Callable[[], object]) -> tuple[float, int, int]:
-    """(seconds, peak extra RssAnon over the larger of before/after, RssAnon after − before)."""
+@dataclass
+class Measure:
+    seconds: float
+    peak: int = 0  # peak extra RssAnon over the larger of before/after
+    kept: int = 0  # RssAnon after − before
+    disk: int = 0  # bytes fetched from storage (page-cache misses, every thread of the process)
+
+
+def measured(fn: Callable[[], object], memory: bool = True) -> Measure:
     trim()
+    read = disk_bytes()
+    if not memory:
+        started = time.perf_counter()
+        fn()
+        return Measure(time.perf_counter() - started, disk=disk_bytes() - read)
     with peak_anon() as mem:
         started = time.perf_counter()
         fn()
         elapsed = time.perf_counter() - started
-    return elapsed, mem["peak"] - max(mem["before"], mem["after"]), mem["after"] - mem["before"]
+    return Measure(
+        elapsed, mem["peak"] - max(mem["before"], mem["after"]), mem["after"] - mem["before"], disk_bytes() - read
+    )
+
+
+STEP_NAMES = {"prepare": "check+hash", "_remember": "fingerprint", "_load": "copy in", "_put_back": "read back"}
+
+
+class Steps:
+    """Seconds and disk bytes per engine step of an operation (wrapped around the engine instance's methods)."""
+
+    def __init__(self, engine: SwapEngine) -> None:
+        self.spent: dict[str, list[float]] = {}
+        for name in STEP_NAMES:
+            setattr(engine, name, self._timed(name, getattr(engine, name)))
+
+    def _timed(self, name: str, method: Callable) -> Callable:
+        def run(*args: object, **kwargs: object) -> object:
+            started, read, mine = time.perf_counter(), disk_bytes(), disk_bytes(this_thread=True)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                entry = self.spent.setdefault(name, [0.0, 0.0, 0.0])
+                entry[0] += time.perf_counter() - started
+                entry[1] += disk_bytes() - read
+                entry[2] += disk_bytes(this_thread=True) - mine
+
+        return run
+
+    def take(self, size: int) -> str:
+        out = ", ".join(
+            f"{STEP_NAMES[n]} {t:.2f}s/{d / size:.2f}× file from disk ({m / size:.2f}× by the engine's thread)"
+            for n, (t, d, m) in self.spent.items()
+            if t > 0.005
+        )
+        self.spent = {}
+        return out
 
 
 def build_slot(kind: str, ckpt: str, blocks: int) -> tuple[object, BuiltinSource]:
@@ -303,8 +434,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     parser.add_argument("--cycles", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="also time each step with the file evicted from the page cache (default with --file)",
+    )
+    parser.add_argument("--min-available-gb", type=float, default=1.5, help="abort when MemAvailable drops below this")
     parser.add_argument("--dir", help="where to write the files (default: a temporary folder, deleted)")
     args = parser.parse_args(argv)
+    guard(int(args.min_available_gb * 1e9))
     folder = args.dir or tempfile.mkdtemp(prefix="te_switch_bench_swap_")
     os.makedirs(folder, exist_ok=True)
     torch.set_grad_enabled(False)
@@ -315,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         args.t5, args.t5_blocks = args.t5 or "fp16", given.layers
     if args.case == "gguf":
         args.t5 = "fp16"  # the checkpoint's T5
+    cold = args.cold or given is not None  # a generated file is sparse: its holes never come from the disk
     try:
         ckpt = os.path.join(folder, "checkpoint.safetensors")
         suffix = ".gguf" if args.case == "gguf" else ".safetensors"
@@ -343,10 +482,33 @@ def main(argv: list[str] | None = None) -> int:
         if given is not None:
             label += f" — {os.path.basename(incoming)}"
         size = os.path.getsize(incoming)
+        caches = ("warm", "cold") if cold else ("warm",)
+        rows: dict[str, list[Measure]] = {}
+
+        def baseline(cache: str) -> None:
+            if cache == "cold":
+                evict(incoming)
+                rows.setdefault("disk read (cold)", []).append(measured(lambda: disk_read(incoming), memory=False))
+            (warm if cache == "warm" else evict)(incoming)
+            rows.setdefault(f"raw read ({cache})", []).append(measured(lambda: raw_read(incoming), memory=False))
+
+        # the raw read materialises a second copy of the file: where that does not fit beside the slot, the
+        # baselines run before the slot is loaded (same process, same files)
+        slot_bytes = os.path.getsize(ckpt)
+        baselines_first = slot_bytes + size + (1 << 30) > available()
+        if baselines_first:
+            print(
+                f"raw reads measured before the slot is loaded: the slot ({slot_bytes / 1e9:.1f} GB) and a second"
+                f" copy of the file ({size / 1e9:.1f} GB) do not fit in MemAvailable ({available() / 1e9:.1f} GB)"
+            )
+            for _ in range(args.repeats):
+                for cache in caches:
+                    baseline(cache)
         slot, builtin = build_slot(kind, ckpt, args.t5_blocks)
         tower = next(t for t in inspect_path(incoming) if t.family)
         source = EncoderSource(incoming, tower, "incoming")
         engine = SwapEngine()
+        steps = Steps(engine)
 
         def swap() -> None:
             engine.apply([SlotRequest(slot, SlotChoice("incoming", args.precision), source, None, lambda: builtin)])
@@ -354,45 +516,80 @@ def main(argv: list[str] | None = None) -> int:
         def restore() -> None:
             engine.apply([SlotRequest(slot, SlotChoice(None), None, None, lambda: builtin)])
 
-        rows: dict[str, list[tuple[float, int, int]]] = {
-            "raw read": [],
-            "swap (first use)": [],
-            "sha256 ready": [],
-            "restore": [],
-        }
-        for _ in range(args.repeats):
-            engine_mod._CHECKED.clear()  # first use: values checked and the file hashed again
+        def first_use() -> None:
+            engine_mod._CHECKED.clear()  # values checked and the file hashed again
             digest._known.clear()
-            rows["raw read"].append((raw_read(incoming), 0, 0))
-            started = time.perf_counter()
-            rows["swap (first use)"].append(timed_with_memory(swap))
-            digest.sha256(incoming)  # joins the hash the swap started
-            rows["sha256 ready"].append((time.perf_counter() - started, 0, 0))
-            raw_read(ckpt)  # page cache warm for the restore, as for the baseline
-            rows["restore"].append(timed_with_memory(restore))
-        base = min(t for t, _, _ in rows["raw read"])
-        print(f"{label}: file {size / 1e6:.0f} MB, {torch.get_num_threads()} threads, best of {args.repeats}")
-        head = f"{'operation':<18} {'best':>8} {'vs raw read':>12} {'peak extra anon':>16} {'÷ file':>7}"
+
+        notes: dict[str, list[str]] = {}
+        cached_before: dict[str, list[float]] = {}
+        cached_after: dict[str, list[float]] = {}
+        for _ in range(args.repeats):
+            for cache in caches:
+                if not baselines_first:
+                    baseline(cache)
+                first_use()
+                (warm if cache == "warm" else evict)(incoming)
+                cached_before.setdefault(cache, []).append(cached_share(incoming))
+                steps.take(size)
+                started = time.perf_counter()
+                rows.setdefault(f"swap ({cache}, 1st use)", []).append(measured(swap))
+                notes.setdefault(f"swap ({cache}, 1st use)", []).append(steps.take(size))
+                cached_after.setdefault(cache, []).append(cached_share(incoming))
+                read = disk_bytes()
+                digest.sha256(incoming)  # joins the hash the swap started
+                rows.setdefault(f"sha256 ready ({cache})", []).append(
+                    Measure(time.perf_counter() - started, disk=disk_bytes() - read)
+                )
+                warm(ckpt)  # page cache warm for the restore, as for the baseline
+                rows.setdefault("restore (warm)", []).append(measured(restore))
+                notes.setdefault("restore (warm)", []).append(steps.take(size))
+        print(
+            f"{label}: file {size / 1e6:.0f} MB, {torch.get_num_threads()} threads, best of {args.repeats};"
+            f" MemAvailable {available() / 1e9:.1f} GB with the slot loaded"
+        )
+        head = (
+            f"{'operation':<22} {'best':>8} {'vs raw read':>12} {'from disk':>10} {'peak extra anon':>16} {'÷ file':>7}"
+        )
         print(head + f" {'anon after−before':>18}")
         for name, values in rows.items():
-            best = min(t for t, _, _ in values)
-            peak = max(m for _, m, _ in values)
-            kept = max(k for _, _, k in values)
+            cache = "cold" if "cold" in name else "warm"
+            base = min(m.seconds for m in rows[f"raw read ({cache})"])
+            best = min(values, key=lambda m: m.seconds)
+            peak = max(m.peak for m in values)
+            kept = max(m.kept for m in values)
             print(
-                f"{name:<18} {best:>7.2f}s {best / base:>11.2f}x {peak / 1e6:>13.1f} MB {peak / size:>6.1%}"
-                f" {kept / 1e6:>15.1f} MB"
+                f"{name:<22} {best.seconds:>7.2f}s {best.seconds / base:>11.2f}x {best.disk / size:>9.2f}×"
+                f" {peak / 1e6:>13.1f} MB {peak / size:>6.1%} {kept / 1e6:>15.1f} MB"
+            )
+            if name in notes:
+                print(f"{'':<22}   steps (best run): {notes[name][values.index(best)]}")
+        if cold:
+            cold_disk = min(m.seconds for m in rows["disk read (cold)"])
+            cold_swap = min(m.seconds for m in rows["swap (cold, 1st use)"])
+            print(
+                f"swap (cold) ÷ one cold disk read of the file: {cold_swap / cold_disk:.2f}x"
+                f" (two reads from disk would be ≈ 2.00x plus the copy)"
+            )
+        for cache, shares in cached_after.items():
+            before = cached_before[cache]
+            print(
+                f"share of the file in the page cache before/after a {cache} swap:"
+                f" {min(before):.0%}–{max(before):.0%} / {min(shares):.0%}–{max(shares):.0%}"
             )
         print(f"CPU copies kept by the engine while swapped: {engine.kept_bytes(slot)} bytes")
         swap()
         restore()
         trim()
         first = rss_anon()
+        cycle = time.perf_counter()
         for _ in range(args.cycles):
             swap()
             restore()
+        cycle = (time.perf_counter() - cycle) / max(1, args.cycles)
         trim()
         print(
             f"RssAnon after {args.cycles} swap/restore cycles: {(rss_anon() - first) / 1e6:+.1f} MB vs after the first"
+            f" ({cycle:.1f} s per cycle, file checked already)"
         )
     finally:
         if not args.dir:

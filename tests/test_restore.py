@@ -223,3 +223,53 @@ def same(model: torch.nn.Module, want: dict) -> bool:
     from swaps import same_bits
 
     return same_bits(model, want)
+
+
+def _resident_bytes(path: Path) -> int:
+    """Bytes of ``path`` in the page cache now (``mincore`` over a private map of it)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mm:
+        assert libc.mincore(ctypes.addressof(ctypes.c_char.from_buffer(mm)), size, vec) == 0
+    return sum(b & 1 for b in bytes(vec)) * mmap.PAGESIZE
+
+
+def _disk_bytes() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/proc/self/io"), reason="needs posix_fadvise, mincore and /proc/self/io (Linux)"
+)
+def test_proving_a_mapped_tensor_reads_a_few_pages_not_the_tensor(tmp_path: Path) -> None:
+    """The fingerprints a swap takes and a restore checks read sampled pages of the host's file. A page
+    fault on a map reads the disk's read-ahead window around it (8 MB on some disks): without care, 32
+    samples of a cold tensor read the whole tensor, i.e. the whole encoder, from the disk."""
+    from te_switch.core.fingerprint import WINDOWS, fingerprint
+
+    weights = torch.randn(4096, 4096).half()  # 32 MB of real data (a sparse file's holes are never read)
+    path = save(tmp_path / "big.safetensors", {"w": weights})
+    probe = save(tmp_path / "probe.safetensors", {"w": weights})
+    for file in (path, probe):
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    read = _disk_bytes()
+    probe.read_bytes()
+    if _resident_bytes(path) > 1 << 20 or _disk_bytes() - read < 30 << 20:
+        pytest.skip("files here stay cached, or their reads are not counted (cached below the file system)")
+    with open_file(path) as src:
+        view = src.load("w")
+        assert fingerprint(view) == fingerprint(weights)
+        sampled = _resident_bytes(path)  # memory pressure can only lower it
+    assert sampled <= (WINDOWS * 2 + 4) * 4096  # each window within two pages, plus the header

@@ -649,7 +649,7 @@ class SwapEngine:
             from te_switch.core import lowbit
         written: set[int] = set()  # tied tensors are written once; each module sharing one is packed
         writes = _Writes(ranges)
-        for key, value in tensors.items():
+        for key, value in _back_to_front(tensors):
             target = live[key]
             owner = _owner(slot.module, key)
             if owner is None:
@@ -831,6 +831,21 @@ def _as_host(value: Value, dtype: torch.dtype, origin: BuiltinSource | None) -> 
     if via is not None and tensor.dtype != via and dtype != tensor.dtype:
         tensor = tensor.to(via)
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _back_to_front(tensors: Mapping[str, Weight]) -> list[tuple[str, Weight]]:
+    """``tensors`` ordered from the end of their file to its start (by address in the file's map).
+
+    The check has just read the file front to back. Where the file is larger than the page cache can
+    hold beside the loaded models, the cache keeps the file's tail and evicts its head: copying the tail
+    first uses those pages before anything evicts them, so only the head is read from the disk again
+    (front to back, every page would miss). Values converted in RAM are ordered the same way, harmlessly."""
+
+    def address(value: Weight) -> int:
+        tensor = value.raw if isinstance(value, PackedTensor) else value
+        return tensor.data_ptr() if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu" else 0
+
+    return sorted(tensors.items(), key=lambda item: address(item[1]), reverse=True)
 
 
 def _is_arange(t: torch.Tensor) -> bool:
