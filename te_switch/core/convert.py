@@ -261,7 +261,10 @@ def first_non_finite(sd: Mapping[str, Weight]) -> str | None:
 def lazy_load(src: TensorSource, key: str) -> LazyWeight:
     """``src.load(key)`` when it is needed; shape and dtype from the header now."""
     info = src.info(key)
-    return LazyWeight(torch.Size(info.shape), info.dtype, functools.partial(src.load, key))
+    span = getattr(src, "span", None)  # safetensors: where the bytes lie (the commit's order)
+    return LazyWeight(
+        torch.Size(info.shape), info.dtype, functools.partial(src.load, key), at=span(key)[0] if span else 0
+    )
 
 
 def load_tower(

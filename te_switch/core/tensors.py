@@ -144,6 +144,7 @@ class LazyWeight:
     dtype: str
     produce: Callable[[], Weight]
     uses: int = 1
+    at: int = 0  # where its bytes start in the file (0: unknown): the order a commit reads in
     _held: Weight | None = None
     _left: int = 0
 
@@ -161,7 +162,7 @@ class LazyWeight:
 
     def shared(self, uses: int) -> LazyWeight:
         """This weight for ``uses`` consumers that each take it once per pass: one read per pass."""
-        return LazyWeight(self.shape, self.dtype, self.load if self.uses == 1 else self.produce, uses)
+        return LazyWeight(self.shape, self.dtype, self.load if self.uses == 1 else self.produce, uses, self.at)
 
     def numel(self) -> int:
         return math.prod(self.shape)
@@ -181,7 +182,8 @@ def derive(fn: Callable[..., Weight], *inputs: Value, shape: tuple[int, ...], dt
     the inputs' values each time it is loaded (``shape``/``dtype``: what ``fn`` returns)."""
     if not any(isinstance(i, LazyWeight) for i in inputs):
         return fn(*inputs)
-    return LazyWeight(torch.Size(shape), dtype, lambda: fn(*(realize(i) for i in inputs)))
+    at = max(i.at for i in inputs if isinstance(i, LazyWeight))
+    return LazyWeight(torch.Size(shape), dtype, lambda: fn(*(realize(i) for i in inputs)), at=at)
 
 
 def as_dense(w: Value) -> Value:

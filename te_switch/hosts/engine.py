@@ -833,15 +833,18 @@ def _as_host(value: Value, dtype: torch.dtype, origin: BuiltinSource | None) -> 
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
-def _back_to_front(tensors: Mapping[str, Weight]) -> list[tuple[str, Weight]]:
-    """``tensors`` ordered from the end of their file to its start (by address in the file's map).
+def _back_to_front(tensors: Mapping[str, Value]) -> list[tuple[str, Value]]:
+    """``tensors`` ordered from the end of their file to its start (by address in the file's map, or
+    a lazy weight's offset in its file).
 
     The check has just read the file front to back. Where the file is larger than the page cache can
     hold beside the loaded models, the cache keeps the file's tail and evicts its head: copying the tail
     first uses those pages before anything evicts them, so only the head is read from the disk again
     (front to back, every page would miss). Values converted in RAM are ordered the same way, harmlessly."""
 
-    def address(value: Weight) -> int:
+    def address(value: Value) -> int:
+        if isinstance(value, LazyWeight):
+            return value.at
         tensor = value.raw if isinstance(value, PackedTensor) else value
         return tensor.data_ptr() if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu" else 0
 
