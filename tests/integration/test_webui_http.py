@@ -29,7 +29,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from webui_client import BASE, TITLE, URL, Result, call, encoder_dir, rejected, txt2img, write_clip
+from webui_client import (
+    BASE,
+    TITLE,
+    URL,
+    Result,
+    call,
+    encoder_dir,
+    rejected,
+    short_hash,
+    txt2img,
+    write_clip,
+    xyz_args,
+)
 
 BASELINE_REQUESTS: dict[str, dict[str, Any]] = {
     "plain": {},
@@ -136,22 +148,6 @@ def test_infotext_reproduces_the_image() -> None:
     assert "Clip skip: 3" in again.infotext
 
 
-def xyz_args(label: str, values: list[str]) -> list[Any]:
-    """X axis = ``label`` over ``values`` (dropdown mode); every other argument at the host's UI default
-    (the X/Y/Z script's arguments differ between A1111, Forge, reForge and Forge Classic)."""
-    info = next(s for s in call("/sdapi/v1/script-info") if s["name"] == "x/y/z plot" and not s["is_img2img"])
-    choices = info["args"][0]["choices"]
-    assert label in choices, f"{label} not among the X/Y/Z axes"
-    args = [a.get("value") for a in info["args"]]
-    args[0], args[1], args[2] = choices.index(label), "", values  # x_type, x_values, x_values_dropdown
-    for i in (3, 6):  # y_type, z_type: Nothing
-        args[i], args[i + 2] = 0, []
-    for i, arg in enumerate(info["args"]):
-        if arg.get("label") in ("Include Sub Images", "Include lone images"):
-            args[i] = True  # the cells come back after the grid
-    return args
-
-
 def test_xyz_over_clip_skip(original: Result) -> None:
     result = txt2img(script_name="x/y/z plot", script_args=xyz_args("[TE] CLIP Skip", ["Auto", "2"]))
     assert result.size(0)[0] >= 2 * BASE["width"]  # the grid first
@@ -166,9 +162,7 @@ def test_xyz_over_clip_skip(original: Result) -> None:
 def test_swap_changes_and_builtin_restores(original: Result, encoders: dict[str, str]) -> None:
     swapped = txt2img([True, 1, "both", encoders["good"]])
     assert swapped.hash != original.hash
-    digest = next(r["short_hash"] for r in call("/te-switch/v1/encoders?hashes=true")["encoders"]
-                  if r["name"] == encoders["good"])  # fmt: skip
-    assert f"TE CLIP-L: {encoders['good']} [{digest}]" in swapped.infotext
+    assert f"TE CLIP-L: {encoders['good']} [{short_hash(encoders['good'])}]" in swapped.infotext
     state = call("/te-switch/v1/state")
     assert state["host"]["slots"]["clip_l"]["encoder"] == encoders["good"]
     assert txt2img([True]).hash == original.hash  # Built-in: bit-identical again

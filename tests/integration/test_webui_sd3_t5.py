@@ -36,7 +36,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from webui_client import URL, Result, call, checkpoint_selected, encoder_dir, rejected, txt2img, write_clip
+from webui_client import (
+    URL,
+    Result,
+    call,
+    checkpoint_selected,
+    encoder_dir,
+    rejected,
+    short_hash,
+    txt2img,
+    write_clip,
+    xyz_args,
+)
 
 SD3 = os.environ.get("TE_SWITCH_WEBUI_SD3_CHECKPOINT", "")
 AWAY = os.environ.get("TE_SWITCH_WEBUI_CHECKPOINT", "")
@@ -316,9 +327,7 @@ def files(weights: dict[str, Any], folder: Path) -> dict[str, str]:
 def test_infotext_paste_xyz_and_precision(baseline: dict[str, Any], files: dict[str, str]) -> None:
     swapped = generate([{"t5xxl": files["t5"]}])
     assert swapped.hash == baseline[PICK]["hash"]
-    digest = next(r["short_hash"] for r in call("/te-switch/v1/encoders?hashes=true")["encoders"]
-                  if r["name"] == files["t5"])  # fmt: skip
-    assert f"TE T5-XXL: {files['t5']} [{digest}]" in swapped.infotext
+    assert f"TE T5-XXL: {files['t5']} [{short_hash(files['t5'])}]" in swapped.infotext
     generate([True])
     pasted = Result(call("/sdapi/v1/txt2img", {"infotext": swapped.infotext, "override_settings": NO_NORM}))
     assert pasted.hash == swapped.hash
@@ -330,8 +339,6 @@ def test_infotext_paste_xyz_and_precision(baseline: dict[str, Any], files: dict[
         low = generate([{"t5xxl": files["t5"], "t5xxl_precision": precision}])
         assert f"TE T5-XXL precision: {precision}" in low.infotext
         print(f"\n{precision}: {level_diff(low.images[0], swapped.images[0])} (levels, pixels) from fp32")
-    from test_webui_http import xyz_args
-
     grid = generate(script_name="x/y/z plot", script_args=xyz_args("[TE] T5-XXL", ["Built-in", files["t5"]]))
     assert grid.hashes[1:] == [baseline["builtin"]["hash"], swapped.hash]
     assert generate([True]).hash == baseline["builtin"]["hash"]

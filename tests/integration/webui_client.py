@@ -100,6 +100,28 @@ def rejected(args: list[Any] | None = None, **extra: Any) -> HTTPError:
     return info.value
 
 
+def xyz_args(label: str, values: list[str]) -> list[Any]:
+    """X axis = ``label`` over ``values`` (dropdown mode); every other argument at the host's UI default
+    (the X/Y/Z script's arguments differ between A1111, Forge, reForge and Forge Classic)."""
+    info = next(s for s in call("/sdapi/v1/script-info") if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    choices = info["args"][0]["choices"]
+    assert label in choices, f"{label} not among the X/Y/Z axes"
+    args = [a.get("value") for a in info["args"]]
+    args[0], args[1], args[2] = choices.index(label), "", values  # x_type, x_values, x_values_dropdown
+    for i in (3, 6):  # y_type, z_type: Nothing
+        args[i], args[i + 2] = 0, []
+    for i, arg in enumerate(info["args"]):
+        if arg.get("label") in ("Include Sub Images", "Include lone images"):
+            args[i] = True  # the cells come back after the grid
+    return args
+
+
+def short_hash(name: str) -> str:
+    """The short hash TE Switch writes into the infotext for encoder ``name`` (hashed on request)."""
+    rows = call("/te-switch/v1/encoders?hashes=true")["encoders"]
+    return next(r["short_hash"] for r in rows if r["name"] == name)
+
+
 def encoder_dir() -> Path:
     direct = os.environ.get("TE_SWITCH_WEBUI_ENCODER_DIR")
     if direct:
