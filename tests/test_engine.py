@@ -805,6 +805,64 @@ def test_real_size_clip_l_cycles_do_not_grow_memory(tmp_path: Path, sparse_files
 
 
 # ---------------------------------------------------------------------------------------------
+# slots on an accelerator: CPU values go through two small staging buffers
+
+
+@pytest.mark.parametrize(
+    ("stored", "target"),
+    [(torch.float32, torch.float16), (torch.bfloat16, torch.float16), (torch.float16, torch.float16),
+     (torch.float16, torch.float32), (torch.float32, torch.bfloat16)],
+)  # fmt: skip
+def test_staged_copy_rounds_like_a_whole_tensor_copy(
+    monkeypatch: pytest.MonkeyPatch, stored: torch.dtype, target: torch.dtype
+) -> None:
+    monkeypatch.setattr(engine_mod, "STAGING_BYTES", 4096)  # many slices, the last one partial
+    value = (torch.randn(37, 129, generator=torch.Generator().manual_seed(0)) * 3).to(stored)
+    want = torch.empty(37, 129, dtype=target)
+    want.copy_(value)
+    got = torch.full((37, 129), float("nan"), dtype=target)
+    staging = engine_mod._Staging()
+    staging.copy_into(got, value)
+    staging.wait()
+    assert torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))
+    assert [b.numel() for b in staging.buffers] == [4096, 4096]  # two fixed buffers, whatever the tensor size
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp16", "bf16"])
+def test_staged_swap_and_restore_give_the_same_slot_as_a_direct_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str
+) -> None:
+    """No accelerator here: the staging path (what a slot on a GPU takes) is forced for the CPU slot, and
+    must leave exactly what the direct copy leaves, with the host's load hooks still seeing every layer."""
+    path, donor = hf_file(tmp_path, 2)
+    direct = hf_clip(1).half()
+    SwapEngine().apply([req(hf_clip_slot("clip_l", direct), source(path, "clip-l"), precision)])
+
+    model = hf_clip(1).half()
+    before = bits(model)
+    loads: list[str] = []
+    for name, module in model.named_modules():
+        module.register_load_state_dict_post_hook(lambda m, r, name=name: loads.append(name))
+    staged: list[int] = []
+    real = engine_mod._Staging.copy_into
+    monkeypatch.setattr(engine_mod, "STAGING_BYTES", 8192)
+    monkeypatch.setattr(
+        engine_mod, "_staged", lambda t, v: isinstance(v, torch.Tensor) and t.is_contiguous() and t.numel() == v.numel()
+    )
+    monkeypatch.setattr(
+        engine_mod._Staging, "copy_into", lambda self, t, v: staged.append(t.numel()) or real(self, t, v)
+    )
+    slot, engine = hf_clip_slot("clip_l", model), SwapEngine()
+    engine.apply([req(slot, source(path, "clip-l"), precision)])
+    assert_bits(model, bits(direct))
+    assert len(staged) >= len(hf_weights(donor)) - 2  # every tensor (position ids are rebuilt, not copied)
+    assert max(staged) > 8192  # the token table went in several slices
+    assert "text_model.embeddings.token_embedding" in loads or "embeddings.token_embedding" in loads
+    engine.apply([req(slot)])
+    assert_bits(model, before)
+
+
+# ---------------------------------------------------------------------------------------------
 # host hooks and wrappers survive
 
 

@@ -680,7 +680,7 @@ class SwapEngine:
                 continue
             written.add(id(target))
             writes.add(owner, key, target, value, self._target_dtype(slot, mem, key, target, dtype))
-        writes.flush()
+        writes.finish()
 
     def _target_dtype(
         self, slot: LiveSlot, mem: _Memory, key: str, tensor: torch.Tensor, dtype: torch.dtype | None
@@ -727,7 +727,7 @@ class SwapEngine:
                 if original.rebuilt or original.held:
                     continue
                 writes.add(_owner(slot.module, key), key, tensor, origin.value(key), original.dtype)
-            writes.flush()
+            writes.finish()
         finally:
             origin.close()
         live = _distinct(slot.live_tensors())
@@ -869,6 +869,7 @@ class _Writes:
         self.ranges = ranges
         self.owner: torch.nn.Module | None = None
         self.pending: dict[str, Weight] = {}
+        self.staging = _Staging()
 
     def add(
         self, owner: torch.nn.Module | None, key: str, target: torch.Tensor, value: Value, dtype: torch.dtype
@@ -894,6 +895,9 @@ class _Writes:
             if isinstance(value, PackedTensor):
                 _expand_into(target, value)
                 value = target  # the load copies it onto itself (a no-op): host hooks still see one
+            elif _staged(target, value):
+                self.staging.copy_into(target, value)
+                value = target
         self.pending[key.rsplit(".", 1)[-1]] = value
 
     def flush(self) -> None:
@@ -901,6 +905,73 @@ class _Writes:
         self.owner, self.pending = None, {}
         if owner is not None and pending:
             _write(owner, pending)
+
+    def finish(self) -> None:
+        """The last module loaded, every staged copy done."""
+        self.flush()
+        self.staging.wait()
+
+
+STAGING_BYTES = 32 << 20  # each of the two staging buffers: a T5-XXL fp32 token table goes in 16 slices
+
+
+def _staged(target: torch.Tensor, value: Weight) -> bool:
+    """Whether ``value`` (on the CPU) goes to ``target`` (on an accelerator) through the staging buffers."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.device.type == "cpu"
+        and target.device.type != "cpu"
+        and target.is_contiguous()
+        and value.numel() == target.numel()
+    )
+
+
+class _Staging:
+    """CPU → accelerator copies through two small reusable buffers (page-locked where CUDA is).
+
+    torch converts a dtype on the CPU before a host-to-device copy, into a temporary the size of the
+    tensor (0.5 GB for a T5-XXL token table in fp32); from pageable memory it also copies through the
+    driver's own bounce buffer. Here each slice is converted once into a buffer of the target's dtype and
+    sent from it asynchronously while the next slice is converted into the other buffer: no temporary
+    beyond the two buffers, and the same rounding as a whole-tensor copy."""
+
+    def __init__(self) -> None:
+        self.buffers: list[torch.Tensor] = []
+        self.events: list[object | None] = [None, None]
+        self.turn = 0
+
+    def _buffer(self, device: torch.device) -> torch.Tensor:
+        if not self.buffers:
+            pinned = device.type == "cuda" and torch.cuda.is_available()
+            self.buffers = [torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
+        buffer = self.buffers[self.turn]
+        event = self.events[self.turn]
+        if event is not None:
+            event.synchronize()  # the copy that last read this buffer is done
+            self.events[self.turn] = None
+        return buffer
+
+    def copy_into(self, target: torch.Tensor, value: torch.Tensor) -> None:
+        src, dst = value.reshape(-1), target.view(-1)
+        step = STAGING_BYTES // target.element_size()
+        for start in range(0, src.numel(), step):
+            n = min(step, src.numel() - start)
+            buffer = self._buffer(target.device)
+            piece = buffer[: n * target.element_size()].view(target.dtype)
+            piece.copy_(src[start : start + n])  # the one conversion, on the CPU
+            pinned = piece.is_pinned()
+            dst[start : start + n].copy_(piece, non_blocking=pinned)
+            if pinned:
+                self.events[self.turn] = event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(target.device))
+            self.turn ^= 1
+
+    def wait(self) -> None:
+        """Every copy sent is done (before the host reads the weights or the buffers go)."""
+        for i, event in enumerate(self.events):
+            if event is not None:
+                event.synchronize()
+                self.events[i] = None
 
 
 def _expand_into(target: torch.Tensor, value: PackedTensor) -> None:
