@@ -26,7 +26,9 @@ DONTNEED), so it comes from the disk — what a first swap of a big file costs w
 in the page cache:
 
 * **raw read**: every tensor of the file read into freshly allocated memory (``readinto``): what any
-  loader pays at least to have the file in RAM — the baseline, one per cache state; **disk read
+  loader pays at least to have the file in RAM — the baseline, one per cache state; **read+decode**
+  (``--case gguf|fp8-clip`` at a precision): every tensor read and expanded to that precision by another
+  decoder (gguf-py's numpy dequantiser, torch's cast) — the least a converting load pays; **disk read
   (cold)**: every byte through one reused buffer (the disk alone, nothing materialised);
 * **swap**: ``SwapEngine.apply`` with the file on first use: open, map, check every key/shape/value
   (reading each tensor once), start its sha256 beside (``core.digest``), fingerprint the slot and
@@ -77,6 +79,8 @@ CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12
 T5_XXL = {"d_model": 4096, "d_ff": 10240, "num_heads": 64, "d_kv": 64, "vocab_size": 32128,
           "feed_forward_proj": "gated-gelu", "is_gated_act": True, "dense_act_fn": "gelu_new"}  # fmt: skip
 SAFETENSORS_NAMES = {torch.float16: "F16", torch.float32: "F32", torch.float8_e4m3fn: "F8_E4M3"}
+SAFETENSORS_TORCH = {v: k for k, v in SAFETENSORS_NAMES.items()}
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def rss_anon() -> int:
@@ -330,6 +334,34 @@ def raw_read(path: str) -> float:
     return elapsed
 
 
+def read_decode(path: str, dtype: torch.dtype) -> float:
+    """Every tensor read and decoded to ``dtype`` into fresh memory by an independent decoder (gguf-py's
+    numpy dequantiser for GGUF, torch's cast for a safetensors file): the baseline for a swap that has to
+    convert what it reads."""
+    started = time.perf_counter()
+    held = []
+    if path.endswith(".gguf"):
+        import gguf
+
+        for t in gguf.GGUFReader(path).tensors:
+            values = gguf.quants.dequantize(t.data, t.tensor_type)
+            held.append(torch.from_numpy(values).to(dtype))
+    else:
+        with open_file(path) as src:
+            for key in src.keys():  # noqa: SIM118
+                begin, end = src.span(key)
+                buf = torch.empty(end - begin, dtype=torch.uint8)
+                with open(path, "rb", buffering=0) as f:
+                    f.seek(begin)
+                    f.readinto(memoryview(buf.numpy()))
+                stored = SAFETENSORS_TORCH[src.info(key).dtype]
+                held.append(buf.view(stored).to(dtype))
+    elapsed = time.perf_counter() - started
+    del held
+    trim()
+    return elapsed
+
+
 @dataclass
 class Measure:
     seconds: float
@@ -484,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
         size = os.path.getsize(incoming)
         caches = ("warm", "cold") if cold else ("warm",)
         rows: dict[str, list[Measure]] = {}
+        # a swap that must expand what it reads (GGUF, fp8 at a precision) is also compared with a read that
+        # decodes the same file with another decoder
+        decoded = PRECISION_DTYPES.get(args.precision) if args.case in ("gguf", "fp8-clip") else None
 
         def baseline(cache: str) -> None:
             if cache == "cold":
@@ -491,6 +526,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows.setdefault("disk read (cold)", []).append(measured(lambda: disk_read(incoming), memory=False))
             (warm if cache == "warm" else evict)(incoming)
             rows.setdefault(f"raw read ({cache})", []).append(measured(lambda: raw_read(incoming), memory=False))
+            if decoded is not None and cache == "warm":
+                rows.setdefault("read+decode (warm)", []).append(
+                    measured(lambda: read_decode(incoming, decoded), memory=False)
+                )
 
         # the raw read materialises a second copy of the file: where that does not fit beside the slot, the
         # baselines run before the slot is loaded (same process, same files)
@@ -563,6 +602,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             if name in notes:
                 print(f"{'':<22}   steps (best run): {notes[name][values.index(best)]}")
+        if "read+decode (warm)" in rows:
+            decode = min(m.seconds for m in rows["read+decode (warm)"])
+            warm_swap = min(m.seconds for m in rows["swap (warm, 1st use)"])
+            print(
+                f"swap (warm) ÷ read+decode of the same file to {args.precision} by another decoder:"
+                f" {warm_swap / decode:.2f}x"
+            )
         if cold:
             cold_disk = min(m.seconds for m in rows["disk read (cold)"])
             cold_swap = min(m.seconds for m in rows["swap (cold, 1st use)"])
