@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 from swaps import assert_bits, bits, fail_first_load, hf_clip, hf_file, make_t5, one_line_error, save, source
 
+from te_switch.core import lowbit
 from te_switch.core.detect import detect
 from te_switch.core.errors import TESwitchError
 from te_switch.core.fingerprint import is_mapped, mapped_ranges
@@ -101,6 +102,30 @@ def test_views_of_the_mapped_file_come_back_as_views_and_are_never_written(tmp_p
     assert weight.data_ptr() == ptr
     assert is_mapped(weight, mapped_ranges())
     assert_bits(model, before)
+
+
+def test_weights_released_for_a_packed_file_come_back_in_memory_of_their_own(tmp_path: Path) -> None:
+    """An fp8 file kept packed frees the slot's own weights; Built-in rebuilds them as the host held them
+    (copied in, A1111's way), not as views of the checkpoint's map: rewriting the checkpoint in place
+    afterwards (a re-download) must not change the loaded model."""
+    ckpt, _ = checkpoint(tmp_path, 1)
+    model = loaded(ckpt)
+    before = bits(model)
+    slot, engine = hf_clip_slot("clip_l", model), SwapEngine(notify=pytest.fail)
+    fp8 = save(tmp_path / "clip_l_fp8.safetensors", fm.hf_clip_state(hf_clip(2), dtype=torch.float8_e4m3fn))
+    weight = model.get_input_embeddings().weight
+    engine.apply([request(slot, builtin_of(ckpt), source(fp8, "clip-l"))])
+    assert lowbit.is_attached(model.get_input_embeddings())
+    engine.apply([request(slot, builtin_of(ckpt))])
+    assert_bits(model, before)
+    ranges = mapped_ranges()
+    assert not [n for n, t in model.state_dict().items() if is_mapped(t, ranges)]
+    with open(ckpt, "r+b") as f:  # same inode, new bytes
+        (header,) = torch.frombuffer(bytearray(f.read(8)), dtype=torch.int64).tolist()
+        f.seek(8 + header)
+        f.write(bytes(os.path.getsize(ckpt) - 8 - header))
+    assert_bits(model, before)
+    assert model.get_input_embeddings().weight is weight  # the host's own Parameter object, as before
 
 
 def before_value(before: dict) -> torch.Tensor:

@@ -726,6 +726,10 @@ class SwapEngine:
                     continue
                 if original.rebuilt or original.held:
                     continue
+                if is_mapped(tensor, writes.ranges) or tuple(tensor.shape) != original.shape:
+                    # the slot held its own memory (A1111 copies a checkpoint in): back to that, not to a view
+                    # of the checkpoint's map, whose bytes a rewrite of the file in place would change
+                    tensor.data = torch.empty(original.shape, dtype=original.dtype, device=tensor.device)
                 writes.add(_owner(slot.module, key), key, tensor, origin.value(key), original.dtype)
             writes.finish()
         finally:
