@@ -641,6 +641,9 @@ def test_compressed_t5_stays_packed_at_auto_and_encodes_like_dense(tmp_path: Pat
         assert packed == linears  # only the scaled matrices; embeddings were stored dense
     else:
         assert packed == linears | (embeddings - rel_bias)  # F32 relative bias stays dense
+        # the tied token table is one packed copy for both modules, not one each
+        shared, embed = (lowbit.packed_weight(m) for m in (model.shared, model.encoder.embed_tokens))
+        assert shared.raw.untyped_storage().data_ptr() == embed.raw.untyped_storage().data_ptr()
     for name, m in model.named_modules():
         if "layer_norm" in name:
             assert not lowbit.is_attached(m), name

@@ -87,6 +87,7 @@ def attach(
     kind: str | None = None,
     offload: torch.device | str | None = None,
     release: bool = False,
+    copy: bool = True,
 ) -> None:
     """Make ``module`` compute with ``weight`` kept compressed (see the module docstring).
 
@@ -97,6 +98,8 @@ def attach(
     ``release``: the original Parameter keeps its identity but gives up its storage (an empty tensor of
     its dtype on its device) — for a caller that writes it back after :func:`detach` (the swap engine
     re-reads the built-in weights from their file), so the slot's own weights cost nothing meanwhile.
+    ``copy=False``: ``weight``'s bytes are already owned memory (another attached module's
+    :func:`packed_weight`, for a tied table) and are shared as they are instead of copied.
     Attaching to an attached module swaps the compressed weight and keeps what ``detach`` restores.
     """
     packed = _as_packed(weight)
@@ -107,7 +110,7 @@ def attach(
     if state is not None:
         if packed.shape != state.shape:
             raise ValueError(f"weight shape {list(packed.shape)} does not match the module's {list(state.shape)}")
-        _install(module, state, packed, *_to_bytes(packed, state.placeholder.device))
+        _install(module, state, packed, *_to_bytes(packed, state.placeholder.device, copy))
         return
 
     original = module._parameters["weight"]
@@ -126,7 +129,7 @@ def attach(
     placeholder = nn.Parameter(_placeholder(packed.shape, dtype, device), requires_grad=False)
     state = _Lowbit(kind, packed.qtype, packed.shape, packed.raw.dtype, None, None, placeholder, dtype, original)
     # copies that can run out of memory happen before the module is touched, so a failure leaves it as it was
-    data, scale = _to_bytes(packed, device)
+    data, scale = _to_bytes(packed, device, copy)
     if release and not on_meta:
         original.data = torch.empty(0, dtype=original.dtype, device=original.device)
     elif offload is not None and not on_meta:
@@ -232,13 +235,15 @@ def _placeholder(shape: torch.Size, dtype: torch.dtype, device: torch.device) ->
     return torch.full((), float("nan"), dtype=dtype, device=device).expand(shape)
 
 
-def _to_bytes(packed: PackedTensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``packed``'s data and scale as uint8 tensors on ``device``, always copies: the source may be a
-    view into a memory-mapped file that can change or vanish after the swap."""
-    raw = packed.raw.contiguous().view(torch.uint8).to(device, copy=True)
+def _to_bytes(
+    packed: PackedTensor, device: torch.device, copy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``packed``'s data and scale as uint8 tensors on ``device``; copies unless told the bytes are owned
+    already: the source may be a view into a memory-mapped file that can change or vanish after the swap."""
+    raw = packed.raw.contiguous().view(torch.uint8).to(device, copy=copy)
     if packed.scale is None:
         return raw, None
-    return raw, packed.scale.contiguous().reshape(-1).view(torch.uint8).to(device, copy=True)
+    return raw, packed.scale.contiguous().reshape(-1).view(torch.uint8).to(device, copy=copy)
 
 
 def _install(

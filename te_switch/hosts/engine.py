@@ -648,6 +648,7 @@ class SwapEngine:
         if keep_packed or slot.held:
             from te_switch.core import lowbit
         written: set[int] = set()  # tied tensors are written once; each module sharing one is packed
+        tied: dict[int, torch.nn.Module] = {}  # id of a packed value -> the first module it was attached to
         writes = _Writes(ranges)
         for key, value in _back_to_front(tensors):
             target = live[key]
@@ -673,7 +674,14 @@ class SwapEngine:
                         if shown in lowbit.COMPUTE_DTYPES and live[key].dtype not in lowbit.COMPUTE_DTYPES
                         else None
                     )
-                    lowbit.attach(owner, realize(value), kind=kind, dtype=shown, release=key not in slot.position_keys)
+                    release = key not in slot.position_keys
+                    first = tied.get(id(value))
+                    if first is None:
+                        lowbit.attach(owner, realize(value), kind=kind, dtype=shown, release=release)
+                        tied[id(value)] = owner
+                    else:  # a tied table (T5's shared = embed_tokens): read once, one packed copy for both
+                        packed = lowbit.packed_weight(first)
+                        lowbit.attach(owner, packed, kind=kind, dtype=shown, release=release, copy=False)
                     mem.packed.append(owner)
                 continue
             if id(target) in written:
