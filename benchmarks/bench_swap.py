@@ -346,7 +346,7 @@ def read_decode(path: str, dtype: torch.dtype) -> float:
 
         for t in gguf.GGUFReader(path).tensors:
             values = gguf.quants.dequantize(t.data, t.tensor_type)
-            held.append(torch.from_numpy(values).to(dtype))
+            held.append(torch.from_numpy(values if values.flags.writeable else values.copy()).to(dtype))
     else:
         with open_file(path) as src:
             for key in src.keys():  # noqa: SIM118
