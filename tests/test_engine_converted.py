@@ -250,6 +250,31 @@ def test_a_nan_in_the_last_converted_tensor_changes_nothing(
     assert same_bits(model, before)
 
 
+def test_a_nan_in_a_later_piece_of_a_gguf_tensor_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GGUF values check holds a few rows at a time, and still sees a NaN past its first piece."""
+    from te_switch.core import gguf_reader
+    from te_switch.core.gguf_reader import GGUFSource
+
+    model, slot, path, _, kind = gguf_t5(tmp_path, "fp16", nan=True)
+    before = bits(model)
+    monkeypatch.setattr(gguf_reader, "PIECE_BYTES", 256)
+    sizes: list[int] = []
+    real = GGUFSource.pieces
+
+    def pieces(self: GGUFSource, key: str, *args: Any) -> Any:
+        for piece in real(self, key, *args):
+            if key == "enc.blk.1.ffn_down.weight":
+                sizes.append(piece.numel())
+            yield piece
+
+    monkeypatch.setattr(GGUFSource, "pieces", pieces)
+    with pytest.raises(TESwitchError, match=r"NaN or Inf"):
+        SwapEngine().apply([req(slot, source(path, kind), "fp16")])
+    assert len(sizes) > 1  # the NaN (row 5) lies past the first piece
+    assert max(sizes) <= 256
+    assert same_bits(model, before)
+
+
 def test_a_fused_in_proj_is_read_once_per_pass_and_kept_fused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """OpenAI layout into an HF slot: q, k and v come from one read of in_proj; into an OpenCLIP slot the
     file's own in_proj goes in whole (no split and concatenation in between)."""
@@ -280,13 +305,17 @@ def test_gguf_t5_tied_table_is_read_once_per_pass(tmp_path: Path, monkeypatch: p
 
     _, slot, path, _, kind = gguf_t5(tmp_path, "fp16")
     reads: dict[str, int] = {}
-    load = GGUFSource.load
+    load, pieces = GGUFSource.load, GGUFSource.pieces
 
-    def counted(self: GGUFSource, key: str) -> Any:
-        reads[key] = reads.get(key, 0) + 1
-        return load(self, key)
+    def counted(real: Any) -> Any:
+        def read(self: GGUFSource, key: str, *args: Any) -> Any:
+            reads[key] = reads.get(key, 0) + 1
+            return real(self, key, *args)
 
-    monkeypatch.setattr(GGUFSource, "load", counted)
+        return read
+
+    monkeypatch.setattr(GGUFSource, "load", counted(load))
+    monkeypatch.setattr(GGUFSource, "pieces", counted(pieces))  # the values check reads it piece by piece
     SwapEngine().apply([req(slot, source(path, kind), "fp16")])
     assert reads["token_embd.weight"] == 2  # values check, then the load
     assert set(reads.values()) == {2}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 
 from te_switch.core import dequant
 from te_switch.core.source import TensorSource
-from te_switch.core.tensors import DEQUANTIZERS, SAFETENSORS_DTYPES, PackedTensor, TensorInfo
+from te_switch.core.tensors import DEQUANTIZERS, ITEMSIZES, SAFETENSORS_DTYPES, PackedTensor, TensorInfo
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)  # what gguf.GGUFReader reads; v1 used 32-bit counts
@@ -35,6 +36,7 @@ ORIG_SHAPE_PREFIX = "comfy.gguf.orig_shape."  # ComfyUI-GGUF: the torch shape be
 _PSEUDO_FIELDS = ("GGUF.version", "GGUF.tensor_count", "GGUF.kv_count")  # GGUFReader's, not the file's
 NEED_GGUF = "GGUF files need the `gguf` package: pip install gguf"
 _READ_CHUNK = 64 << 20
+PIECE_BYTES = 16 << 20  # what a values check holds of a tensor at a time
 
 
 class _HeaderError(Exception):
@@ -140,6 +142,7 @@ class GGUFSource(TensorSource):
     """A GGUF file: keys are the stored (llama.cpp) names, ``info`` shapes are torch order."""
 
     format = "gguf"
+    fresh_reads = True
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__(os.fspath(path))
@@ -238,21 +241,39 @@ class GGUFSource(TensorSource):
             return data.view(SAFETENSORS_DTYPES[entry.ggml_type]).reshape(entry.info.shape)
         return PackedTensor(entry.ggml_type, data.reshape(entry.raw_shape), torch.Size(entry.info.shape))
 
-    def _read(self, entry: _Entry) -> torch.Tensor:
-        """The entry's bytes as a fresh uint8 tensor (a plain read: nothing stays mapped or open)."""
-        out = torch.empty(entry.nbytes, dtype=torch.uint8)
+    def pieces(self, key: str, limit: int | None = None) -> Iterator[torch.Tensor]:
+        """``key``'s stored bytes front to back, as uint8 pieces of whole rows (whole blocks) of at most
+        ``limit`` bytes (default ``PIECE_BYTES``), read into one reused buffer: a piece is valid until the
+        next one is asked for."""
+        limit = limit or PIECE_BYTES
+        entry = self._entries[key]
+        unit = entry.raw_shape[1] if entry.raw_shape is not None else ITEMSIZES[entry.ggml_type]
+        step = max(1, limit // unit) * unit
+        buf = torch.empty(min(step, entry.nbytes), dtype=torch.uint8)
+        for begin in range(0, entry.nbytes, step):
+            n = min(step, entry.nbytes - begin)
+            self._read_into(entry, begin, buf[:n])
+            yield buf[:n]
+
+    def _read_into(self, entry: _Entry, begin: int, out: torch.Tensor) -> None:
+        """Bytes ``begin``… of the entry's data into ``out`` (uint8) with plain reads."""
         view = memoryview(out.numpy())
         try:
             with open(self.path, "rb") as f:
                 if _state(os.fstat(f.fileno())) != self._state:
                     raise self.fail("the file changed on disk after it was opened")
-                f.seek(entry.offset)
+                f.seek(entry.offset + begin)
                 done = 0
-                while done < entry.nbytes:
+                while done < len(view):
                     n = f.readinto(view[done : done + _READ_CHUNK])
                     if not n:
                         raise self.fail("truncated: the file shrank after it was opened")
                     done += n
         except OSError as e:
             raise self.fail(f"cannot read ({e.strerror or e})") from None
+
+    def _read(self, entry: _Entry) -> torch.Tensor:
+        """The entry's bytes as a fresh uint8 tensor (a plain read: nothing stays mapped or open)."""
+        out = torch.empty(entry.nbytes, dtype=torch.uint8)
+        self._read_into(entry, 0, out)
         return out

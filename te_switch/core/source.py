@@ -15,6 +15,8 @@ class TensorSource(ABC):
     """Named tensors of one file (or one sharded set), read on demand."""
 
     format: str = ""
+    # load() gives fresh memory that nothing else holds (plain reads, no mapping): a caller may keep it as is
+    fresh_reads: bool = False
 
     def __init__(self, path: str) -> None:
         self.path = path

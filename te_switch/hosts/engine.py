@@ -45,10 +45,11 @@ import torch
 
 from te_switch.core import digest
 from te_switch.core.convert import lazy_load, load_tower
-from te_switch.core.dequant import blocks_finite
+from te_switch.core.dequant import HALF_FIELDS, blocks_finite
 from te_switch.core.detect import TowerInfo
 from te_switch.core.errors import BadFileError, IncompatibleError, TESwitchError, one_line
 from te_switch.core.fingerprint import fingerprint, is_mapped, mapped_ranges, prefault
+from te_switch.core.gguf_reader import GGUFSource
 from te_switch.core.layouts import layout_of
 from te_switch.core.library import file_identity
 from te_switch.core.longclip import stretch_positions
@@ -324,7 +325,7 @@ def check_values_once(src: TensorSource, tower: TowerInfo, values: Mapping[str, 
         bad = _first_bad_stored(src, tower)
     else:
         digest.start(src.path)
-        bad = first_bad_value(values)
+        bad = _first_bad_blocks(src, tower) if isinstance(src, GGUFSource) else first_bad_value(values)
     reason = None if bad is None else f"tensor {bad} holds NaN or Inf values"
     remember_check(src.path, tower, reason)
     return reason
@@ -347,6 +348,23 @@ def _first_bad_stored(src: SafetensorsSource, tower: TowerInfo) -> str | None:
         digest.sha256_visiting(src.path, [span for span, _ in floats if span[1] > span[0]], visit)
     except digest.Stop:
         return bad[0]
+    return None
+
+
+def _first_bad_blocks(src: GGUFSource, tower: TowerInfo) -> str | None:
+    """The first tensor of ``tower`` in a GGUF file that decodes to NaN/Inf, read 16 MB at a time: block
+    formats by their scale fields (``dequant.blocks_finite``), float tensors by their values."""
+    for key in layout_of(tower.layout, tower.family).keys(src.keys(), tower.prefix):
+        qtype = src.info(key).dtype
+        if qtype in SAFETENSORS_DTYPES:
+            dtype = SAFETENSORS_DTYPES[qtype]
+            ok = not dtype.is_floating_point or all(all_finite(piece.view(dtype)) for piece in src.pieces(key))
+        elif qtype in HALF_FIELDS:
+            ok = all(blocks_finite(qtype, piece) for piece in src.pieces(key))
+        else:  # a block layout without known scale fields: expanded a slice of rows at a time
+            ok = first_bad_value({key: src.load(key)}) is None
+        if not ok:
+            return key[len(tower.prefix) :]
     return None
 
 
@@ -559,7 +577,8 @@ class SwapEngine:
                 positions = request.positions
             if positions is not None and slot.resize is not None and positions != slot.positions():
                 slot.resize(positions)
-            self._load(slot, mem, tensors, PRECISIONS[request.choice.precision])
+            fresh = p.reader is not None and p.reader.fresh_reads
+            self._load(slot, mem, tensors, PRECISIONS[request.choice.precision], fresh=fresh)
             origin.close()
         except Exception as e:
             self._rollback(slot)
@@ -639,9 +658,12 @@ class SwapEngine:
             lowbit.detach(module)
         mem.packed.clear()
 
-    def _load(self, slot: LiveSlot, mem: _Memory, tensors: Mapping[str, Value], dtype: torch.dtype | None) -> None:
+    def _load(
+        self, slot: LiveSlot, mem: _Memory, tensors: Mapping[str, Value], dtype: torch.dtype | None, *, fresh: bool
+    ) -> None:
         """Stream ``tensors`` into the slot, one at a time (a lazy one read and converted only here),
-        each tied tensor once."""
+        each tied tensor once. ``fresh``: the reader's values are memory of their own (GGUF's plain reads),
+        kept as they are where a weight stays packed; views of a mapped file are copied."""
         live = slot.live_tensors()
         ranges = mapped_ranges()
         keep_packed = dtype is None and any(is_compressed(v) for v in tensors.values())
@@ -660,7 +682,7 @@ class SwapEngine:
                     shown = slot.store_dtypes.get(key, torch.float16) if dtype is None else dtype
                     shown = shown if shown in lowbit.COMPUTE_DTYPES else torch.float16
                     packed = _packable(realize(value), shown, exact=dtype is not None)
-                    lowbit.attach(owner, packed, kind="linear", dtype=shown)
+                    lowbit.attach(owner, packed, kind="linear", dtype=shown, copy=not fresh)
                     mem.packed.append(owner)
                 continue
             kind = (slot.pack_kind or default_pack_kind)(owner) if keep_packed else None
@@ -677,7 +699,9 @@ class SwapEngine:
                     release = key not in slot.position_keys
                     first = tied.get(id(value))
                     if first is None:
-                        lowbit.attach(owner, realize(value), kind=kind, dtype=shown, release=release)
+                        if release:  # before the file's copy exists: the slot's memory never holds both
+                            target.data = torch.empty(0, dtype=target.dtype, device=target.device)
+                        lowbit.attach(owner, realize(value), kind=kind, dtype=shown, release=release, copy=not fresh)
                         tied[id(value)] = owner
                     else:  # a tied table (T5's shared = embed_tokens): read once, one packed copy for both
                         packed = lowbit.packed_weight(first)
