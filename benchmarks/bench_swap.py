@@ -71,6 +71,7 @@ from te_switch.core import digest
 from te_switch.core.detect import inspect_path
 from te_switch.core.readers import open_file
 from te_switch.core.selection import SlotChoice
+from te_switch.core.tensors import PRECISIONS, SAFETENSORS_DTYPES
 from te_switch.hosts import engine as engine_mod
 from te_switch.hosts.engine import BuiltinSource, EncoderSource, SlotRequest, SwapEngine
 from te_switch.hosts.slots import hf_clip_slot, t5_slot
@@ -80,8 +81,6 @@ CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12
 T5_XXL = {"d_model": 4096, "d_ff": 10240, "num_heads": 64, "d_kv": 64, "vocab_size": 32128,
           "feed_forward_proj": "gated-gelu", "is_gated_act": True, "dense_act_fn": "gelu_new"}  # fmt: skip
 SAFETENSORS_NAMES = {torch.float16: "F16", torch.float32: "F32", torch.float8_e4m3fn: "F8_E4M3"}
-SAFETENSORS_TORCH = {v: k for k, v in SAFETENSORS_NAMES.items()}
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def rss_anon() -> int:
@@ -348,15 +347,13 @@ def read_decode(path: str, dtype: torch.dtype) -> float:
             values = gguf.quants.dequantize(t.data, t.tensor_type)
             held.append(torch.from_numpy(values if values.flags.writeable else values.copy()).to(dtype))
     else:
-        with open_file(path) as src:
+        with open_file(path) as src, open(path, "rb", buffering=0) as f:
             for key in src.keys():  # noqa: SIM118
                 begin, end = src.span(key)
                 buf = torch.empty(end - begin, dtype=torch.uint8)
-                with open(path, "rb", buffering=0) as f:
-                    f.seek(begin)
-                    f.readinto(memoryview(buf.numpy()))
-                stored = SAFETENSORS_TORCH[src.info(key).dtype]
-                held.append(buf.view(stored).to(dtype))
+                f.seek(begin)
+                f.readinto(memoryview(buf.numpy()))
+                held.append(buf.view(SAFETENSORS_DTYPES[src.info(key).dtype]).to(dtype))
     elapsed = time.perf_counter() - started
     del held
     trim()
@@ -518,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         caches = ("warm", "cold") if cold else ("warm",)
         # a swap that must expand what it reads (GGUF, fp8 at a precision) is also compared with a read that
         # decodes the same file with another decoder
-        decoded = PRECISION_DTYPES.get(args.precision) if args.case in ("gguf", "fp8-clip") else None
+        decoded = PRECISIONS[args.precision] if args.case in ("gguf", "fp8-clip") else None
 
         def checkpoint_read() -> None:
             warm(ckpt)

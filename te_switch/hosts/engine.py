@@ -952,13 +952,13 @@ STAGING_BYTES = 32 << 20  # each of the two staging buffers: a T5-XXL fp32 token
 
 
 def _staged(target: torch.Tensor, value: Weight) -> bool:
-    """Whether ``value`` (on the CPU) goes to ``target`` (on an accelerator) through the staging buffers."""
+    """Whether ``value`` (on the CPU) goes to ``target`` (on an accelerator, same shape: an in-place write)
+    through the staging buffers."""
     return (
         isinstance(value, torch.Tensor)
         and value.device.type == "cpu"
         and target.device.type != "cpu"
         and target.is_contiguous()
-        and value.numel() == target.numel()
     )
 
 
